@@ -1,0 +1,397 @@
+"""The ASGI application: a lean hot path for ``/v1/*`` and Quart for the rest.
+
+ARCHITECTURE.md measured Quart's per-request machinery at ~30% of a trivial
+route's cost on Hypercorn's trio worker, so the API routes are plain ASGI
+callables looked up in a dict; health, readiness and the admin API are a
+Quart-Trio app, where the convenience is worth more than the microseconds.
+
+The lifespan owns the one nursery every background task of this worker runs
+in (mock upstream, probes, cache writes); it also owns the upstream clients
+and closes them after the server stopped sending requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import trio
+
+from .auth import Authenticator
+from .envelope import decode_count_tokens, decode_messages
+from .errors import ProxyError
+from .headers import upstream_request_headers
+from .relay import (
+    Deadlines,
+    Exchange,
+    end_stream_with_error,
+    relay_error_response,
+    relay_response,
+    send_error,
+    upstream_failure,
+)
+from .settings import Settings
+from .upstream import Target, UpstreamError, UpstreamRequest
+
+__all__ = ["Weir", "build_app"]
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+access_log = logging.getLogger("weir.access")
+log = logging.getLogger("weir")
+
+_DRAINING = ProxyError(503, "Weir is shutting down; retry on another instance", "overloaded_error", [(b"connection", b"close"), (b"retry-after", b"1")])
+
+
+def _request_id(headers: Mapping[bytes, bytes]) -> str:
+    # Propagate a caller's id when it is sane, so one id follows a request
+    # across their systems and ours.
+    given = headers.get(b"x-request-id")
+    if given and len(given) <= 128 and given.isascii() and given.replace(b"-", b"").replace(b"_", b"").isalnum():
+        return given.decode()
+    return "req_weir_" + secrets.token_hex(12)
+
+
+class Weir:
+    def __init__(self, settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+        self.settings = settings
+        self.environ = dict(os.environ if environ is None else environ)
+        self.auth = Authenticator(settings.auth, self.environ)
+        self.targets: list[Target] = []
+        self.draining = False
+        self.started = False
+        self.in_flight = 0
+        self.served = 0
+        self.mock_url: str | None = None
+        self._idle = trio.Event()
+        self._idle.set()
+        self._nursery: trio.Nursery | None = None
+        # path → method → handler. A dict lookup is the whole router.
+        self.routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
+            "/v1/messages": {"POST": self.messages},
+            "/v1/messages/count_tokens": {"POST": self.count_tokens},
+            "/v1/models": {"GET": self.passthrough},
+        }
+        from .admin import build_admin
+
+        self.admin = build_admin(self)
+
+    # ---------------------------------------------------------------- ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path: str = scope["path"]
+            if path.startswith("/v1/"):
+                await self._api(scope, receive, send, path)
+            else:
+                await self.admin(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+        # websockets: nothing here speaks them; returning closes the socket.
+
+    async def _api(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        methods = self.routes.get(path)
+        if methods is None:
+            if path.startswith("/v1/models/"):
+                methods = {"GET": self.passthrough}
+            elif path.startswith("/v1/messages/batches"):
+                methods = {"GET": self.passthrough, "POST": self.passthrough, "DELETE": self.passthrough}
+        headers = dict(scope["headers"])
+        ex = Exchange(request_id=_request_id(headers), started=time.perf_counter(), method=scope["method"], path=path)
+        handler = methods.get(scope["method"]) if methods is not None else None
+        if handler is None:
+            if methods is None:
+                err = ProxyError(404, f"Not found: {scope['method']} {path}", "not_found_error")
+            else:
+                allow = ", ".join(sorted(methods)).encode()
+                err = ProxyError(405, f"Method {scope['method']} not allowed for {path}", "invalid_request_error", [(b"allow", allow)])
+            await send_error(send, ex, err)
+            self._log(ex)
+            return
+        if self.draining:
+            await send_error(send, ex, _DRAINING)
+            self._log(ex)
+            return
+        self.in_flight += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        try:
+            await handler(scope, receive, send, headers, ex)
+        except _ClientGone:
+            ex.status, ex.outcome = 499, "client_closed"
+        finally:
+            self.in_flight -= 1
+            self.served += 1
+            if self.in_flight == 0:
+                self._idle.set()
+            self._log(ex)
+
+    def _log(self, ex: Exchange) -> None:
+        if not self.settings.server.access_log:
+            return
+        access_log.info(
+            "request",
+            extra={
+                "request_id": ex.request_id,
+                "method": ex.method,
+                "path": ex.path,
+                "status": ex.status,
+                "tenant": ex.tenant,
+                "model": ex.model,
+                "stream": ex.stream,
+                "target": ex.target,
+                "outcome": ex.outcome or ("ok" if ex.status < 400 else "error"),
+                "error": ex.error or None,
+                "duration_ms": round((time.perf_counter() - ex.started) * 1000.0, 3),
+                "upstream_ms": round(ex.upstream_s * 1000.0, 3),
+                "bytes_out": ex.bytes_out,
+            },
+        )
+
+    # ----------------------------------------------------------- handlers
+
+    async def messages(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange) -> None:
+        try:
+            ident = self.auth.identify(headers)
+            ex.tenant = ident.tenant
+            body = await self._read_body(receive, headers)
+            env = decode_messages(body)
+        except ProxyError as err:
+            await send_error(send, ex, err)
+            return
+        ex.model = env.model
+        ex.stream = env.stream
+        await self._forward(scope, receive, send, headers, ex, body, ident.passthrough)
+
+    async def count_tokens(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange) -> None:
+        try:
+            ident = self.auth.identify(headers)
+            ex.tenant = ident.tenant
+            body = await self._read_body(receive, headers)
+            env = decode_count_tokens(body)
+        except ProxyError as err:
+            await send_error(send, ex, err)
+            return
+        ex.model = env.model
+        await self._forward(scope, receive, send, headers, ex, body, ident.passthrough)
+
+    async def passthrough(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange) -> None:
+        """Routes Weir forwards without reading: models, batches."""
+        try:
+            ident = self.auth.identify(headers)
+            ex.tenant = ident.tenant
+            body = await self._read_body(receive, headers)
+        except ProxyError as err:
+            await send_error(send, ex, err)
+            return
+        await self._forward(scope, receive, send, headers, ex, body, ident.passthrough)
+
+    async def _read_body(self, receive: Receive, headers: Mapping[bytes, bytes]) -> bytes:
+        limit = self.settings.server.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                if int(declared) > limit:
+                    raise ProxyError(413, f"request body is {int(declared)} bytes; the limit is {limit}", "request_too_large")
+            except ValueError:
+                raise ProxyError(400, "content-length is not a number", "invalid_request_error") from None
+        first = await receive()
+        body = first.get("body", b"")
+        if not first.get("more_body", False):
+            if len(body) > limit:
+                raise ProxyError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
+            return body
+        parts = [body]
+        size = len(body)
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise _ClientGone()
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise ProxyError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
+            parts.append(chunk)
+            if not msg.get("more_body", False):
+                return b"".join(parts)
+
+    async def _forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: dict[bytes, bytes],
+        ex: Exchange,
+        body: bytes,
+        passthrough: bool,
+    ) -> None:
+        target = self.targets[0]
+        ex.target = target.name
+        if passthrough:
+            credentials: list[tuple[bytes, bytes]] = []
+        elif target.keys:
+            credentials = target.credentials(target.keys[0])
+        else:
+            credentials = []
+        req = UpstreamRequest(
+            method=scope["method"],
+            path=scope["path"],
+            query=scope["query_string"],
+            headers=upstream_request_headers(scope["headers"], forward_credentials=passthrough, credentials=[]),
+            body=body,
+            stream=ex.stream,
+            model=ex.model,
+        )
+        d = self.settings.deadlines
+        now = trio.current_time()
+        deadlines = Deadlines(total=now + d.total_s, first_byte_s=d.first_byte_s, idle_s=d.idle_s)
+        async with trio.open_nursery() as nursery:
+            # A client that hangs up cancels everything below, the upstream
+            # call included: httpx closes that connection as it unwinds.
+            nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, ex)
+            try:
+                await self._exchange(send, ex, target, req, credentials, deadlines)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _exchange(self, send: Send, ex: Exchange, target: Target, req: UpstreamRequest, credentials: list[tuple[bytes, bytes]], deadlines: Deadlines) -> None:
+        now = trio.current_time()
+        first = now + deadlines.first_byte_s
+        with trio.CancelScope(deadline=first if first < deadlines.total else deadlines.total) as scope:
+            t_up = time.perf_counter()
+            try:
+                async with target.open(req, credentials=credentials) as resp:
+                    ex.upstream_s = time.perf_counter() - t_up
+                    if resp.status >= 400:
+                        await relay_error_response(send, ex, resp)
+                        return
+                    await relay_response(send, ex, resp, scope, deadlines)
+            except UpstreamError as exc:
+                if not ex.head_sent:
+                    await send_error(send, ex, upstream_failure(exc, target.name))
+                return
+        if scope.cancelled_caught:
+            ex.outcome = "deadline"
+            if not ex.head_sent:
+                phase = "first byte" if trio.current_time() < deadlines.total else "total"
+                await send_error(send, ex, ProxyError(504, f"upstream {target.name} did not answer within the {phase} deadline", "timeout_error"))
+            elif ex.is_sse:
+                await end_stream_with_error(send, ex, "timeout_error", "the request deadline expired mid-stream")
+
+    # ----------------------------------------------------------- lifespan
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = await receive()
+        assert message["type"] == "lifespan.startup"
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    await self.startup(nursery)
+                    await self._quart_lifespan(nursery, scope)
+                except Exception as exc:  # start-up failure: tell the server, which exits
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    nursery.cancel_scope.cancel()
+                    return
+                await send({"type": "lifespan.startup.complete"})
+                message = await receive()
+                await self._quart_shutdown()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.shutdown()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def _quart_lifespan(self, nursery: trio.Nursery, scope: Scope) -> None:
+        """Run Quart's own lifespan inside ours, so it starts and stops with the app."""
+        to_quart_send, to_quart_recv = trio.open_memory_channel[dict[str, Any]](1)
+        from_quart_send, from_quart_recv = trio.open_memory_channel[dict[str, Any]](1)
+
+        async def q_send(msg: dict[str, Any]) -> None:
+            await from_quart_send.send(msg)
+
+        nursery.start_soon(self.admin, scope, to_quart_recv.receive, q_send)
+        await to_quart_send.send({"type": "lifespan.startup"})
+        reply = await from_quart_recv.receive()
+        if reply["type"] != "lifespan.startup.complete":
+            raise RuntimeError(f"admin app failed to start: {reply.get('message')}")
+        self._quart_channels = (to_quart_send, from_quart_recv)
+
+    async def _quart_shutdown(self) -> None:
+        to_quart_send, from_quart_recv = self._quart_channels
+        await to_quart_send.send({"type": "lifespan.shutdown"})
+        with trio.move_on_after(5):
+            await from_quart_recv.receive()
+
+    async def startup(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        upstreams = list(self.settings.upstreams)
+        if self.settings.uses_mock():
+            from .mock_upstream import MockSettings, MockUpstream
+
+            m = self.settings.mock
+            mock = MockUpstream(MockSettings(latency_ms=m.latency_ms, ttft_ms=m.ttft_ms, tokens_per_second=m.tokens_per_second, output_tokens=m.output_tokens))
+            port = await nursery.start(mock.serve, "127.0.0.1", 0)
+            self.mock_url = f"http://127.0.0.1:{port}"
+            self.mock = mock
+            log.warning("no upstream configured: serving the built-in mock upstream at %s", self.mock_url, extra={"mock_url": self.mock_url})
+            from .settings import UpstreamSettings
+
+            base = upstreams[0] if upstreams else UpstreamSettings(name="mock")
+            upstreams = [_replace(base, url=self.mock_url, name=base.name if upstreams else "mock")]
+        for u in upstreams:
+            self.targets.append(Target(u, url=u.url, keys=u.keys(self.environ), deadlines=self.settings.deadlines))
+        self.started = True
+
+    async def shutdown(self) -> None:
+        for t in self.targets:
+            await t.aclose()
+        self.targets.clear()
+        self.started = False
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking requests and wait for those in flight; True if all finished."""
+        self.draining = True
+        with trio.move_on_after(timeout):
+            await self._idle.wait()
+            return True
+        return False
+
+    def ready(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        if not self.started or not self.targets:
+            return False, "starting"
+        return True, "ready"
+
+
+def _replace(struct: Any, **changes: Any) -> Any:
+    import msgspec
+
+    return msgspec.structs.replace(struct, **changes)
+
+
+class _ClientGone(Exception):
+    """The client disconnected while sending its body."""
+
+
+async def _watch_disconnect(receive: Receive, scope: trio.CancelScope, ex: Exchange) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            ex.outcome = "client_closed"
+            if not ex.status:
+                ex.status = 499  # nginx's convention for "client closed request"
+            scope.cancel()
+            return
+
+
+def build_app(settings: Settings, environ: Mapping[str, str] | None = None) -> Weir:
+    return Weir(settings, environ)

@@ -1,0 +1,18 @@
+"""``hypercorn -c hypercorn.toml proxy.asgi:app``: the app from ``WEIR_CONFIG`` and ``WEIR_*``.
+
+Building the app does no I/O (that waits for the lifespan), so importing
+this module in each Hypercorn worker is cheap and safe.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .app import build_app
+from .logs import configure_logging
+from .settings import check_exposure, load_settings
+
+settings = load_settings()
+check_exposure(settings, os.environ)
+configure_logging(settings.server.log_level)
+app = build_app(settings)

@@ -1,0 +1,234 @@
+"""The ``weir`` command: ``serve`` and ``mock-upstream``.
+
+``weir serve`` runs the app under Hypercorn's trio worker in this process
+(``--workers 1``) or in N worker processes sharing the port through
+``SO_REUSEPORT``, each a whole Weir with its own lifespan nursery. It owns
+the signals so that draining is Weir's: SIGTERM flips ``/ready`` to 503 and
+refuses new requests, waits ``server.drain_notice_s`` for load balancers to
+notice, then closes the listeners and lets in-flight streams finish for up
+to ``server.drain_s``. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+from functools import partial
+from typing import Any
+
+import msgspec
+import trio
+
+from .settings import Settings, SettingsError, check_exposure, load_settings
+
+log = logging.getLogger("weir")
+
+__all__ = ["main", "hypercorn_config"]
+
+
+def hypercorn_config(settings: Settings) -> Any:
+    """Hypercorn settings for LLM traffic; hypercorn.toml carries the same values."""
+    from hypercorn.config import Config
+
+    s = settings.server
+    config = Config()
+    config.bind = [f"{s.host}:{s.port}"]
+    # Hypercorn's 3 s default would cut every stream in progress at a deploy.
+    config.graceful_timeout = s.drain_s
+    config.keep_alive_timeout = s.keep_alive_s
+    # Hypercorn closes a connection after 1,000 requests by default; a
+    # long-lived Claude Code connection would be dropped mid-session for no
+    # gain. Effectively unlimited.
+    config.keep_alive_max_requests = 2**31
+    # Bursts of connections (a load balancer opening its pool) overflow the
+    # default backlog of 100.
+    config.backlog = 2048
+    config.accesslog = None  # Weir writes its own JSON access log
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.include_server_header = False
+    return config
+
+
+def _reuse_port_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host.strip("[]"), port))
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(settings: Settings, *, sock: socket.socket | None = None, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    """One worker: the app under Hypercorn in this trio run, until a signal drains it."""
+    from hypercorn.app_wrappers import ASGIWrapper
+    from hypercorn.config import Sockets
+    from hypercorn.trio import worker_serve
+
+    from .app import build_app
+
+    app = build_app(settings)
+    config = hypercorn_config(settings)
+    sockets = None
+    if sock is not None:
+        sock.listen(config.backlog)
+        sockets = Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[])
+
+    async with trio.open_nursery() as nursery:
+        drained = trio.Event()
+
+        async def shutdown_trigger() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    break
+                log.warning("signal received: draining", extra={"in_flight": app.in_flight, "drain_s": settings.server.drain_s})
+                app.draining = True
+                await trio.sleep(settings.server.drain_notice_s)
+                drained.set()
+                async for _ in signals:
+                    log.warning("second signal: stopping now")
+                    nursery.cancel_scope.cancel()
+
+        async def run_server(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+            await worker_serve(ASGIWrapper(app), config, sockets=sockets, shutdown_trigger=drained.wait, task_status=task_status)
+            # Listeners closed and in-flight requests done (or cut at drain_s).
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(shutdown_trigger)
+        binds = await nursery.start(run_server)
+        task_status.started((app, binds))
+
+
+def _run_workers(settings: Settings) -> int:
+    """N worker processes on one port. The parent keeps the port bound (not
+    listening, so the kernel hands it no connections) to reserve it and to
+    resolve port 0, and forwards signals to the children, which drain themselves."""
+    import subprocess
+
+    s = settings.server
+    reserve = _reuse_port_socket(s.host, s.port)
+    port = reserve.getsockname()[1]
+    settings = msgspec.structs.replace(settings, server=msgspec.structs.replace(s, port=port, workers=1))
+    payload = msgspec.json.encode(settings)
+    children = []
+    for _ in range(s.workers):
+        # Settings (which may hold keys) go through stdin, not argv or the environment.
+        child = subprocess.Popen([sys.executable, "-m", "proxy.cli", "_worker"], stdin=subprocess.PIPE)
+        assert child.stdin is not None
+        child.stdin.write(payload)
+        child.stdin.close()
+        children.append(child)
+    print(f"weir: {s.workers} workers on http://{s.host}:{port}", file=sys.stderr, flush=True)
+
+    def forward(signum: int, _frame: Any) -> None:
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [c.wait() for c in children]
+    reserve.close()
+    return max(codes, default=0)
+
+
+def _worker_main() -> int:
+    settings = msgspec.json.decode(sys.stdin.buffer.read(), type=Settings)
+    from .logs import configure_logging
+
+    configure_logging(settings.server.log_level)
+    sock = _reuse_port_socket(settings.server.host, settings.server.port)
+
+    async def main() -> None:
+        await serve(settings, sock=sock)
+
+    trio.run(main)
+    return 0
+
+
+def _serve_command(ns: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    for flag, key in (
+        ("host", "server.host"),
+        ("port", "server.port"),
+        ("workers", "server.workers"),
+        ("upstream", "upstreams.url"),
+        ("upstream_kind", "upstreams.kind"),
+        ("upstream_model", "upstreams.model"),
+        ("upstream_concurrency", "upstreams.max_connections"),
+    ):
+        value = getattr(ns, flag)
+        if value is not None:
+            overrides[key] = value
+    if ns.upstream_key_env:
+        overrides["upstreams.api_key_envs"] = [ns.upstream_key_env]
+    try:
+        settings = load_settings(ns.config, overrides=overrides)
+        check_exposure(settings, os.environ)
+    except SettingsError as exc:
+        print(f"weir: {exc}", file=sys.stderr)
+        return 2
+    from .logs import configure_logging
+
+    configure_logging(settings.server.log_level)
+    if settings.uses_mock():
+        log.warning("no upstream configured: Weir will answer from its built-in mock upstream (pass --upstream URL for a real one)")
+    if settings.server.workers > 1:
+        return _run_workers(settings)
+    trio.run(serve, settings)
+    return 0
+
+
+def _mock_command(ns: argparse.Namespace) -> int:
+    from . import mock_upstream
+
+    try:
+        mock = mock_upstream.MockUpstream(mock_upstream.settings_from_args(ns))
+    except ValueError as exc:
+        print(f"weir mock-upstream: --fault: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(mock_upstream._serve_forever, mock, ns.host, ns.port)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="weir", description="A high-throughput proxy for LLM APIs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the proxy")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="bind port (default 8080)")
+    p.add_argument("--config", help="TOML config file (default: $WEIR_CONFIG)")
+    p.add_argument("--workers", type=int, help="worker processes (default 1)")
+    p.add_argument("--upstream", help="upstream base URL (Anthropic: without /v1; OpenAI: with /v1)")
+    p.add_argument("--upstream-kind", choices=["anthropic", "openai"], help="upstream API (default anthropic)")
+    p.add_argument("--upstream-model", help="model name to send upstream instead of the requested one")
+    p.add_argument("--upstream-key-env", help="environment variable holding the upstream API key")
+    p.add_argument("--upstream-concurrency", type=int, help="upstream connection budget (default 64)")
+    p.set_defaults(func=_serve_command)
+
+    from . import mock_upstream
+
+    m = sub.add_parser("mock-upstream", help="run the mock Anthropic/OpenAI upstream")
+    mock_upstream.add_arguments(m)
+    m.set_defaults(func=_mock_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_worker"]:
+        return _worker_main()
+    ns = build_parser().parse_args(argv)
+    return int(ns.func(ns) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

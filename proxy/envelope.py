@@ -1,0 +1,71 @@
+"""The small part of a request body Weir reads.
+
+A Messages body can be megabytes of conversation; Weir needs four fields of
+it. msgspec decodes just those (``messages`` stays an array of undecoded
+``Raw`` items), validates their types, and the original bytes go upstream
+untouched — unknown fields included, in their original order and spelling.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from .errors import ProxyError
+
+__all__ = ["MessagesEnvelope", "CountTokensEnvelope", "decode_messages", "decode_count_tokens"]
+
+
+class MessagesEnvelope(msgspec.Struct):
+    model: str
+    max_tokens: int
+    messages: list[msgspec.Raw]
+    stream: bool = False
+    # Read for the cache policy: temperature 0 is the deterministic opt-in.
+    temperature: float | None = None
+
+
+class CountTokensEnvelope(msgspec.Struct):
+    model: str
+    messages: list[msgspec.Raw]
+
+
+_messages_decoder = msgspec.json.Decoder(MessagesEnvelope)
+_count_decoder = msgspec.json.Decoder(CountTokensEnvelope)
+
+
+def _bad(message: str) -> ProxyError:
+    return ProxyError(400, message, "invalid_request_error")
+
+
+def _decode(decoder: msgspec.json.Decoder, body: bytes):  # type: ignore[no-untyped-def]
+    if not body:
+        raise _bad("request body is empty; expected a JSON object")
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        # msgspec names the field and the JSON path; that is what a client needs.
+        raise _bad(f"invalid request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise _bad(f"request body is not valid JSON: {exc}") from None
+
+
+def decode_messages(body: bytes) -> MessagesEnvelope:
+    env: MessagesEnvelope = _decode(_messages_decoder, body)
+    if not env.model:
+        raise _bad("model: must not be empty")
+    if env.max_tokens < 1:
+        raise _bad("max_tokens: must be at least 1")
+    if not env.messages:
+        raise _bad("messages: at least one message is required")
+    for i, raw in enumerate(env.messages):
+        # One byte tells an object from anything else without decoding it.
+        if bytes(raw)[:1] != b"{":
+            raise _bad(f"messages.{i}: expected an object")
+    return env
+
+
+def decode_count_tokens(body: bytes) -> CountTokensEnvelope:
+    env: CountTokensEnvelope = _decode(_count_decoder, body)
+    if not env.model:
+        raise _bad("model: must not be empty")
+    return env

@@ -1,0 +1,55 @@
+"""Which headers cross the proxy, in each direction.
+
+Everything a client sends goes upstream — ``anthropic-*`` headers, the SDK's
+``x-stainless-*`` telemetry, headers that do not exist yet — except the
+hop-by-hop ones (RFC 9110 §7.6.1), the ones httpx recomputes, and Weir's own
+``x-weir-*`` controls. Credentials go upstream only in passthrough mode.
+"""
+
+from __future__ import annotations
+
+__all__ = ["HOP_BY_HOP", "upstream_request_headers", "client_response_headers"]
+
+# RFC 9110 §7.6.1 plus the de-facto ones proxies strip (keep-alive, proxy-*).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Recomputed for the upstream leg: host and length by httpx; encoding is
+# fixed to identity so Weir can read what it must (cache, translation, usage)
+# without inflating — LLM replies are small next to their latency.
+_REQUEST_RECOMPUTED = frozenset({b"host", b"content-length", b"accept-encoding", b"expect"})
+_CREDENTIALS = frozenset({b"x-api-key", b"authorization"})
+_IDENTITY = (b"accept-encoding", b"identity")
+
+
+def upstream_request_headers(
+    client_headers: list[tuple[bytes, bytes]],
+    *,
+    forward_credentials: bool,
+    credentials: list[tuple[bytes, bytes]],
+    extra: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+) -> list[tuple[bytes, bytes]]:
+    out = [_IDENTITY]
+    for name, value in client_headers:
+        if name in HOP_BY_HOP or name in _REQUEST_RECOMPUTED or name[:7] == b"x-weir-":
+            continue
+        if name in _CREDENTIALS and not forward_credentials:
+            continue
+        out.append((name, value))
+    out.extend(credentials)
+    out.extend(extra)
+    return out
+
+
+def client_response_headers(upstream_headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(n, v) for n, v in upstream_headers if n not in HOP_BY_HOP]

@@ -1,0 +1,1202 @@
+"""A mock LLM upstream: Anthropic Messages and OpenAI chat completions over HTTP/1.1.
+
+It is the fixture of every end-to-end test, the demo upstream and the far end
+of the benchmark, so it must never be the bottleneck. That is why it is built
+on trio sockets and ``h11`` rather than Quart/Hypercorn (whose per-request
+machinery measured ~30x slower than a bare trio socket server, ARCHITECTURE.md):
+one task per connection, keep-alive, constant bytes encoded once, and an
+unpaced reply leaves in a single socket write.
+
+The file has two halves. ``MockCore`` is sans-IO: it turns a recorded request
+into a ``Plan`` (status, headers, body or SSE events, delays, faults) with no
+socket and no clock. ``MockUpstream`` is the trio shell that reads requests with
+h11, carries out plans, and notices peers that leave mid-response.
+
+Replies are a pure function of the request body (words are drawn from a
+generator seeded by the body's hash, ids are derived from it), so two identical
+requests get byte-identical bodies — the cache and coalescing tests rely on it.
+Per-request behaviour (faults, delays, reply length) is steered with
+``x-mock-*`` headers; see ``parse_fault`` for the fault syntax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import os
+import random
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import cachetools
+import h11
+import msgspec
+import trio
+
+from proxy.errors import error_body, error_event, type_for_status
+from proxy.sse import encode_event
+
+__all__ = [
+    "VOCABULARY",
+    "Fault",
+    "MockCore",
+    "MockSettings",
+    "MockUpstream",
+    "Plan",
+    "RecordedRequest",
+    "add_arguments",
+    "main",
+    "parse_fault",
+    "serve_forever",
+    "settings_from_args",
+]
+
+
+class MockSettings(msgspec.Struct, frozen=True):
+    latency_ms: float = 0  # delay before the response head; 0 = a test's instant upstream
+    ttft_ms: float = 0  # delay before the first content delta; 0 as above
+    tokens_per_second: float = 0  # 0 = unpaced: the whole reply in one write (benchmark mode)
+    output_tokens: int = 16  # words in a reply: enough to make several deltas, small enough to read
+    fault: str = ""  # default fault for every request (header syntax); "" = healthy
+    workers: int = 1  # processes sharing the port via SO_REUSEPORT; 1 = this process only
+    reuse_port: bool = False  # set on worker children (and implied by workers > 1)
+
+
+class RecordedRequest(msgspec.Struct, frozen=True):
+    """What arrived, exactly: tests assert the proxy forwarded bodies byte for byte."""
+
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[bytes, bytes]]  # h11 lowercases names
+    body: bytes
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Faults
+# ---------------------------------------------------------------------------
+
+
+class Fault(msgspec.Struct, frozen=True):
+    status: int = 0  # 0 = answer normally
+    retry_after: str = ""  # "" = no retry-after header
+    hang: bool = False
+    hang_after: int = -1  # -1 = off; else events (or, non-streamed: 0 = nothing, >0 = half the body)
+    reset_after: int = -1  # as hang_after, but the connection is then reset
+    slow_ms: float = 0
+    malformed: bool = False
+    error_event_after: int = -1
+    unknown_event: bool = False
+    fail_first: int = 0  # 0 = every request fails with ``status``
+
+
+_FLAG_FAULTS = {"hang", "malformed", "unknown_event"}
+_INT_FAULTS = {"status", "hang_after", "reset_after", "error_event_after", "fail_first"}
+# fail_first without a status is a retry test against a generic upstream failure.
+_DEFAULT_FAIL_STATUS = 500
+
+
+def parse_fault(spec: str) -> Fault:
+    """Parse ``status=429;retry_after=2,slow=50`` style specs.
+
+    Commas separate faults and semicolons their parameters, but every key is
+    distinct, so both separators simply split ``key[=value]`` items. Unknown
+    keys raise ``ValueError``: a misspelt fault must fail loudly, not pass.
+    """
+    fields: dict[str, Any] = {}
+    for item in re.split(r"[,;]", spec):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        value = value.strip()
+        if key in _FLAG_FAULTS:
+            fields[key] = value.lower() not in ("0", "false", "no") if sep else True
+        elif key in _INT_FAULTS:
+            fields[key] = int(value)
+        elif key == "slow":
+            fields["slow_ms"] = float(value)
+        elif key == "retry_after":
+            fields["retry_after"] = value
+        else:
+            raise ValueError(f"unknown fault {key!r}")
+    if fields.get("fail_first") and not fields.get("status"):
+        fields["status"] = _DEFAULT_FAIL_STATUS
+    return Fault(**fields)
+
+
+# ---------------------------------------------------------------------------
+# Wire envelopes: decode only what shapes the reply (STYLE.md, msgspec)
+# ---------------------------------------------------------------------------
+
+
+class _Block(msgspec.Struct):
+    type: str = ""
+    text: Any = ""  # only text blocks have a string here
+
+
+class _Message(msgspec.Struct):
+    role: str = ""
+    content: str | list[_Block] | None = None
+
+
+class _AnthropicTool(msgspec.Struct):
+    name: str = ""
+    input_schema: dict[str, Any] | None = None
+
+
+class _AnthropicRequest(msgspec.Struct):
+    model: str
+    max_tokens: int
+    messages: list[msgspec.Raw]
+    stream: bool = False
+    thinking: dict[str, Any] | None = None
+    tools: list[_AnthropicTool] | None = None
+    tool_choice: dict[str, Any] | None = None
+    stop_sequences: list[str] | None = None
+
+
+class _CountTokensRequest(msgspec.Struct):
+    model: str
+    messages: list[msgspec.Raw]
+
+
+class _Function(msgspec.Struct):
+    name: str = ""
+    parameters: dict[str, Any] | None = None
+
+
+class _OpenAITool(msgspec.Struct):
+    type: str = "function"
+    function: _Function | None = None
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class _OpenAIRequest(msgspec.Struct):
+    model: str
+    messages: list[msgspec.Raw]
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    tools: list[_OpenAITool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    stop: str | list[str] | None = None
+
+
+_decode_anthropic = msgspec.json.Decoder(_AnthropicRequest).decode
+_decode_count = msgspec.json.Decoder(_CountTokensRequest).decode
+_decode_openai = msgspec.json.Decoder(_OpenAIRequest).decode
+_decode_message = msgspec.json.Decoder(_Message).decode
+_encode = msgspec.json.Encoder().encode
+
+
+# ---------------------------------------------------------------------------
+# Reply composition (shared by both APIs)
+# ---------------------------------------------------------------------------
+
+# 64 plain words: small enough that a stop-sequence test finds a hit quickly,
+# large enough that different bodies visibly get different replies.
+VOCABULARY: tuple[str, ...] = tuple(
+    """alpha brook cedar delta ember fjord grove harbor island jasper kettle lantern
+    meadow nectar orchid pebble quartz river saffron thistle umber velvet willow
+    xenon yarrow zephyr amber basalt copper dune echo fern glacier hazel iris
+    juniper kelp lotus maple nickel opal pine quill rain sage tide upland vale
+    wren yew zinc acorn birch clover dew elm flint garnet heath ivy jade koi lark moss""".split()
+)
+assert len(VOCABULARY) == 64
+
+# OpenAI objects carry a creation time; a fixed one keeps replies byte-identical.
+_CREATED = 1_700_000_000
+# Tool input is streamed in pieces this long, close to what Anthropic sends.
+_JSON_PIECE = 8
+
+
+class _Reply:
+    """The content of one reply, before either API's framing."""
+
+    __slots__ = (
+        "hexid",
+        "model",
+        "thinking",
+        "signature",
+        "text",
+        "tool",
+        "stop_reason",
+        "stop_sequence",
+        "input_tokens",
+        "output_tokens",
+    )
+
+    hexid: str
+    model: str
+    thinking: list[str] | None
+    signature: str
+    text: list[str]  # deltas: "word", " word", ...
+    tool: tuple[str, str, str] | None  # (id suffix, name, input JSON)
+    stop_reason: str
+    stop_sequence: str | None
+    input_tokens: int
+    output_tokens: int
+
+
+def _input_tokens(body: bytes) -> int:
+    # ~4 bytes a token is the usual rule of thumb for English JSON.
+    return max(1, len(body) // 4)
+
+
+def _tool_input(rng: random.Random, schema: dict[str, Any] | None) -> dict[str, Any]:
+    props = (schema or {}).get("properties") or {}
+    out: dict[str, Any] = {}
+    for name, prop in props.items():
+        kind = prop.get("type") if isinstance(prop, dict) else None
+        if kind in ("integer", "number"):
+            out[name] = rng.randint(1, 100)
+        elif kind == "boolean":
+            out[name] = True
+        elif kind == "array":
+            out[name] = []
+        elif kind == "object":
+            out[name] = {}
+        else:
+            out[name] = rng.choice(VOCABULARY)
+    return out
+
+
+def _compose(
+    body: bytes,
+    model: str,
+    n: int,
+    limit: int | None,
+    thinking_budget: int | None,
+    tool: tuple[str, dict[str, Any] | None] | None,
+    stops: list[str] | None,
+) -> _Reply:
+    digest = hashlib.blake2b(body, digest_size=16).digest()
+    rng = random.Random(digest)
+    r = _Reply()
+    r.hexid = digest.hex()
+    r.model = model
+    r.input_tokens = _input_tokens(body)
+    r.stop_sequence = None
+    r.stop_reason = "end_turn"
+    r.tool = None
+    r.thinking = None
+    r.signature = ""
+    budget = limit if limit is not None else sys.maxsize
+    used = 0
+    if thinking_budget is not None:
+        k = max(1, min(n // 2, thinking_budget, budget))
+        words = rng.choices(VOCABULARY, k=k)
+        r.thinking = [words[0]] + [" " + w for w in words[1:]]
+        r.signature = "mock_sig_" + r.hexid
+        used = k
+    text: list[str] = []
+    if tool is not None:
+        name, schema = tool
+        r.tool = ("mock_" + r.hexid[:24], name, _encode(_tool_input(rng, schema)).decode())
+        r.stop_reason = "tool_use"
+        used += -(-len(r.tool[2]) // _JSON_PIECE)
+    elif used >= budget:
+        r.stop_reason = "max_tokens"
+    else:
+        stopset = set(stops) if stops else None
+        for word in rng.choices(VOCABULARY, k=n):
+            if stopset is not None and word in stopset:
+                r.stop_reason, r.stop_sequence = "stop_sequence", word
+                break
+            if used >= budget:
+                r.stop_reason = "max_tokens"
+                break
+            text.append(" " + word if text else word)
+            used += 1
+    r.text = text
+    r.output_tokens = max(1, used)
+    return r
+
+
+def _last_user_text(messages: list[msgspec.Raw]) -> str:
+    for raw in reversed(messages):
+        try:
+            msg = _decode_message(raw)
+        except msgspec.ValidationError:
+            return ""
+        if msg.role != "user":
+            continue
+        if isinstance(msg.content, str):
+            return msg.content
+        if msg.content:
+            return " ".join(b.text for b in msg.content if b.type == "text" and isinstance(b.text, str))
+        return ""
+    return ""
+
+
+def _asks_for_tool(messages: list[msgspec.Raw]) -> bool:
+    return "use a tool" in _last_user_text(messages).lower()
+
+
+def _pieces(s: str) -> list[str]:
+    return [s[i : i + _JSON_PIECE] for i in range(0, len(s), _JSON_PIECE)] or [""]
+
+
+# ---------------------------------------------------------------------------
+# Anthropic framing
+# ---------------------------------------------------------------------------
+
+# Every ``anthropic-ratelimit-*`` header a client may read; constant values so
+# that responses stay identical, generous so that no client throttles itself.
+_ANTHROPIC_HEADERS = [
+    (b"anthropic-ratelimit-requests-limit", b"4000"),
+    (b"anthropic-ratelimit-requests-remaining", b"3999"),
+    (b"anthropic-ratelimit-requests-reset", b"2099-01-01T00:00:00Z"),
+    (b"anthropic-ratelimit-tokens-limit", b"2000000"),
+    (b"anthropic-ratelimit-tokens-remaining", b"1999000"),
+    (b"anthropic-ratelimit-tokens-reset", b"2099-01-01T00:00:00Z"),
+]
+_JSON = (b"content-type", b"application/json")
+_SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+# Event kinds in a plan: only content deltas are paced by tokens_per_second.
+_FRAME, _DELTA = 0, 1
+
+_PING = encode_event("ping", b'{"type":"ping"}')
+_MESSAGE_STOP = encode_event("message_stop", b'{"type":"message_stop"}')
+_DELTA_HEAD = [
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,"delta":' % i for i in range(4)
+]
+
+
+def _delta(index: int, kind: bytes, field: bytes, value: str) -> bytes:
+    return (
+        _DELTA_HEAD[index] + b'{"type":"' + kind + b'","' + field + b'":' + _encode(value) + b"}}\n\n"
+    )
+
+
+def _block_event(name: str, payload: dict[str, Any]) -> bytes:
+    return encode_event(name, _encode(payload))
+
+
+def _anthropic_usage(r: _Reply, output_tokens: int) -> dict[str, int]:
+    return {
+        "input_tokens": r.input_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": output_tokens,
+    }
+
+
+def _anthropic_message(r: _Reply) -> bytes:
+    content: list[dict[str, Any]] = []
+    if r.thinking is not None:
+        content.append({"type": "thinking", "thinking": "".join(r.thinking), "signature": r.signature})
+    if r.tool is not None:
+        content.append(
+            {"type": "tool_use", "id": "toolu_" + r.tool[0], "name": r.tool[1], "input": msgspec.json.decode(r.tool[2])}
+        )
+    elif r.text:
+        content.append({"type": "text", "text": "".join(r.text)})
+    return _encode(
+        {
+            "id": "msg_mock_" + r.hexid[:24],
+            "type": "message",
+            "role": "assistant",
+            "model": r.model,
+            "content": content,
+            "stop_reason": r.stop_reason,
+            "stop_sequence": r.stop_sequence,
+            "usage": _anthropic_usage(r, r.output_tokens),
+        }
+    )
+
+
+def _anthropic_events(r: _Reply, fault: Fault) -> list[tuple[bytes, int]]:
+    start = {
+        "type": "message_start",
+        "message": {
+            "id": "msg_mock_" + r.hexid[:24],
+            "type": "message",
+            "role": "assistant",
+            "model": r.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": _anthropic_usage(r, 1),
+        },
+    }
+    events: list[tuple[bytes, int]] = [(_block_event("message_start", start), _FRAME)]
+    index = 0
+
+    def block(content_block: dict[str, Any], deltas: list[bytes]) -> None:
+        nonlocal index
+        events.append(
+            (_block_event("content_block_start", {"type": "content_block_start", "index": index, "content_block": content_block}), _FRAME)
+        )
+        if index == 0:
+            events.append((_PING, _FRAME))
+        events.extend((d, _DELTA) for d in deltas)
+        events.append((_block_event("content_block_stop", {"type": "content_block_stop", "index": index}), _FRAME))
+        index += 1
+
+    if r.thinking is not None:
+        deltas = [_delta(index, b"thinking_delta", b"thinking", w) for w in r.thinking]
+        deltas.append(_delta(index, b"signature_delta", b"signature", r.signature))
+        block({"type": "thinking", "thinking": "", "signature": ""}, deltas)
+    if r.tool is not None:
+        deltas = [_delta(index, b"input_json_delta", b"partial_json", p) for p in [""] + _pieces(r.tool[2])]
+        block({"type": "tool_use", "id": "toolu_" + r.tool[0], "name": r.tool[1], "input": {}}, deltas)
+    elif r.text or index == 0:
+        block({"type": "text", "text": ""}, [_delta(index, b"text_delta", b"text", w) for w in r.text])
+    events.append(
+        (
+            _block_event(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": r.stop_reason, "stop_sequence": r.stop_sequence},
+                    "usage": {"output_tokens": r.output_tokens},
+                },
+            ),
+            _FRAME,
+        )
+    )
+    events.append((_MESSAGE_STOP, _FRAME))
+
+    if fault.unknown_event:
+        # Right after the ping: a type Anthropic may add later, which clients must skip.
+        events.insert(3, (encode_event("future_event", b'{"type":"future_event","detail":"mock"}'), _FRAME))
+    if fault.malformed:
+        bad = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":\n\n'
+        events.insert(len(events) // 2, (bad, _FRAME))
+    if fault.error_event_after >= 0:
+        events = events[: fault.error_event_after]
+        events.append((error_event("overloaded_error", "Overloaded (mock fault)"), _FRAME))
+    return events
+
+
+# ---------------------------------------------------------------------------
+# OpenAI framing
+# ---------------------------------------------------------------------------
+
+_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls"}
+_DONE_LINE = b"data: [DONE]\n\n"
+
+
+def _openai_usage(r: _Reply) -> dict[str, int]:
+    return {
+        "prompt_tokens": r.input_tokens,
+        "completion_tokens": r.output_tokens,
+        "total_tokens": r.input_tokens + r.output_tokens,
+    }
+
+
+def _openai_completion(r: _Reply) -> bytes:
+    message: dict[str, Any] = {"role": "assistant", "content": None if r.tool else "".join(r.text)}
+    if r.thinking is not None:
+        message["reasoning_content"] = "".join(r.thinking)
+    if r.tool is not None:
+        message["tool_calls"] = [
+            {"id": "call_" + r.tool[0], "type": "function", "function": {"name": r.tool[1], "arguments": r.tool[2]}}
+        ]
+    return _encode(
+        {
+            "id": "chatcmpl-mock-" + r.hexid[:24],
+            "object": "chat.completion",
+            "created": _CREATED,
+            "model": r.model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": _FINISH[r.stop_reason]}],
+            "usage": _openai_usage(r),
+        }
+    )
+
+
+def _openai_events(r: _Reply, fault: Fault, include_usage: bool) -> list[tuple[bytes, int]]:
+    # Constant prefix of every chunk, encoded once per reply.
+    head = (
+        b'data: {"id":"chatcmpl-mock-' + r.hexid[:24].encode() + b'","object":"chat.completion.chunk","created":%d,"model":'
+        % _CREATED
+        + _encode(r.model)
+        + b',"choices":'
+    )
+    tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return head + _encode([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]) + tail
+
+    events: list[tuple[bytes, int]] = [(chunk({"role": "assistant", "content": ""}), _FRAME)]
+    if r.thinking is not None:
+        events.extend((chunk({"reasoning_content": w}), _DELTA) for w in r.thinking)
+    if r.tool is not None:
+        call_id, name, args = r.tool
+        events.append(
+            (
+                chunk({"tool_calls": [{"index": 0, "id": "call_" + call_id, "type": "function", "function": {"name": name, "arguments": ""}}]}),
+                _DELTA,
+            )
+        )
+        events.extend((chunk({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}), _DELTA) for p in _pieces(args))
+    else:
+        events.extend((chunk({"content": w}), _DELTA) for w in r.text)
+    events.append((chunk({}, _FINISH[r.stop_reason]), _FRAME))
+    if include_usage:
+        events.append((head + b'[],"usage":' + _encode(_openai_usage(r)) + b"}\n\n", _FRAME))
+    events.append((_DONE_LINE, _FRAME))
+
+    if fault.malformed:
+        events.insert(len(events) // 2, (b'data: {"id":"chatcmpl-mock","choices":[{\n\n', _FRAME))
+    if fault.error_event_after >= 0:
+        events = events[: fault.error_event_after]
+        events.append((b"data: " + _openai_error("Overloaded (mock fault)", 503) + b"\n\n", _FRAME))
+    return events
+
+
+# OpenAI's (type, code) for the statuses tests use; anything else is a 4xx or 5xx default.
+_OPENAI_ERRORS = {
+    401: ("invalid_request_error", "invalid_api_key"),
+    404: ("invalid_request_error", "model_not_found"),
+    429: ("requests", "rate_limit_exceeded"),
+}
+
+
+def _openai_error(message: str, status: int) -> bytes:
+    type_, code = _OPENAI_ERRORS.get(status, ("invalid_request_error" if status < 500 else "server_error", None))
+    return _encode({"error": {"message": message, "type": type_, "param": None, "code": code}})
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+
+_MODELS = (
+    ("claude-opus-4-1-20250805", "Claude Opus 4.1", "2025-08-05T00:00:00Z", 1754352000),
+    ("claude-opus-4-20250514", "Claude Opus 4", "2025-05-22T00:00:00Z", 1747872000),
+    ("claude-sonnet-4-20250514", "Claude Sonnet 4", "2025-05-22T00:00:00Z", 1747872000),
+    ("claude-3-5-haiku-20241022", "Claude Haiku 3.5", "2024-10-22T00:00:00Z", 1729555200),
+)
+_ANTHROPIC_MODEL = {
+    m[0]: _encode({"type": "model", "id": m[0], "display_name": m[1], "created_at": m[2]}) for m in _MODELS
+}
+_ANTHROPIC_MODELS = _encode(
+    {
+        "data": [msgspec.json.decode(v) for v in _ANTHROPIC_MODEL.values()],
+        "has_more": False,
+        "first_id": _MODELS[0][0],
+        "last_id": _MODELS[-1][0],
+    }
+)
+_OPENAI_MODEL = {m[0]: _encode({"id": m[0], "object": "model", "created": m[3], "owned_by": "anthropic"}) for m in _MODELS}
+_OPENAI_MODELS = _encode({"object": "list", "data": [msgspec.json.decode(v) for v in _OPENAI_MODEL.values()]})
+
+
+# ---------------------------------------------------------------------------
+# The sans-IO core
+# ---------------------------------------------------------------------------
+
+
+class Plan:
+    """What the shell must do for one request: bytes to send and when."""
+
+    __slots__ = (
+        "status",
+        "headers",
+        "body",
+        "events",
+        "latency",
+        "ttft",
+        "interval",
+        "slow",
+        "hang",
+        "hang_after",
+        "reset_after",
+    )
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.events: list[tuple[bytes, int]] | None = None  # None = not streamed
+        self.latency = 0.0  # seconds before the head
+        self.ttft = 0.0  # seconds before the first content delta
+        self.interval = 0.0  # seconds between content deltas
+        self.slow = 0.0  # seconds between any two events
+        self.hang = False
+        self.hang_after = -1
+        self.reset_after = -1
+
+    @property
+    def delayed(self) -> bool:
+        """Whether the response spends time waiting, so the peer may leave meanwhile."""
+        return bool(
+            self.latency
+            or self.hang
+            or self.hang_after >= 0
+            or (self.events is not None and (self.ttft or self.interval or self.slow))
+        )
+
+
+class _Bad(Exception):
+    """A request the mock refuses with a 4xx, in the API's own error shape."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+_OVERRIDES = (b"x-mock-latency-ms", b"x-mock-ttft-ms", b"x-mock-tokens-per-second", b"x-mock-output-tokens")
+# Identical failing requests remembered for fail_first; a retry test needs a handful.
+_FAIL_KEYS = 10_000
+# Parsed fault specs kept; a test suite uses a few dozen distinct ones.
+_FAULT_CACHE = 256
+
+
+class MockCore:
+    """Request in, ``Plan`` out: every decision the mock makes, without I/O or a clock.
+
+    The only state is the ``fail_first`` tally (which identical request is
+    this?), kept in a bounded LRU so a long benchmark cannot grow it.
+    """
+
+    def __init__(self, settings: MockSettings) -> None:
+        self.settings = settings
+        self._fail_counts: cachetools.LRUCache[tuple[str, bytes], int] = cachetools.LRUCache(maxsize=_FAIL_KEYS)
+        self._faults: dict[str, Fault] = {}
+        self._default_fault = parse_fault(settings.fault)  # a bad --fault fails at start-up
+
+    def _fault(self, spec: str) -> Fault:
+        fault = self._faults.get(spec)
+        if fault is None:
+            if len(self._faults) >= _FAULT_CACHE:
+                self._faults.clear()
+            fault = self._faults[spec] = parse_fault(spec)
+        return fault
+
+    def respond(self, req: RecordedRequest) -> Plan:
+        openai = _speaks_openai(req)
+        try:
+            return self._respond(req, openai)
+        except _Bad as exc:
+            return _error_plan(exc.status, str(exc), openai)
+
+    def _respond(self, req: RecordedRequest, openai: bool) -> Plan:
+        s = self.settings
+        fault_spec: str | None = None
+        overrides: dict[bytes, bytes] = {}
+        for name, value in req.headers:
+            if name == b"x-api-key" or name == b"authorization":
+                if value == b"invalid" or value == b"Bearer invalid":
+                    raise _Bad(401, "invalid x-api-key")
+            elif name[:7] == b"x-mock-":
+                if name == b"x-mock-fault":
+                    fault_spec = value.decode("latin-1")
+                elif name in _OVERRIDES:
+                    overrides[name] = value
+        try:
+            fault = self._default_fault if fault_spec is None else self._fault(fault_spec)
+            latency = float(overrides.get(b"x-mock-latency-ms", s.latency_ms)) / 1000
+            ttft = float(overrides.get(b"x-mock-ttft-ms", s.ttft_ms)) / 1000
+            tps = float(overrides.get(b"x-mock-tokens-per-second", s.tokens_per_second))
+            n = int(overrides.get(b"x-mock-output-tokens", s.output_tokens))
+        except ValueError as exc:
+            raise _Bad(400, f"bad x-mock-* header: {exc}") from None
+
+        if fault.hang:
+            plan = Plan(200, [])
+            plan.latency, plan.hang = latency, True
+            return plan
+        if fault.status:
+            failing = True
+            if fault.fail_first:
+                key = (req.path, hashlib.blake2b(req.body, digest_size=16).digest())
+                seen = self._fail_counts[key] = self._fail_counts.get(key, 0) + 1
+                failing = seen <= fault.fail_first
+            if failing:
+                plan = _error_plan(fault.status, f"mock fault: status {fault.status}", openai)
+                if fault.retry_after:
+                    plan.headers.append((b"retry-after", fault.retry_after.encode()))
+                plan.latency = latency
+                return plan
+
+        plan = self._route(req, openai, fault, n)
+        plan.latency = latency
+        if plan.events is not None:
+            plan.ttft = ttft
+            plan.interval = 1 / tps if tps > 0 else 0.0
+            plan.slow = fault.slow_ms / 1000
+        elif plan.status == 200 and req.method == "POST":
+            # Unstreamed: the client waits for the whole generation before the head.
+            plan.latency += ttft + (n / tps if tps > 0 else 0.0)
+        plan.hang_after, plan.reset_after = fault.hang_after, fault.reset_after
+        return plan
+
+    def _route(self, req: RecordedRequest, openai: bool, fault: Fault, n: int) -> Plan:
+        path, method = req.path, req.method
+        if path == "/v1/messages":
+            _need(method, "POST")
+            return self._messages(req, fault, n)
+        if path == "/v1/chat/completions":
+            _need(method, "POST")
+            return self._chat(req, fault, n)
+        if path == "/v1/messages/count_tokens":
+            _need(method, "POST")
+            try:
+                _decode_count(req.body)
+            except msgspec.DecodeError as exc:
+                raise _Bad(400, str(exc)) from None
+            return Plan(200, [_JSON], b'{"input_tokens":%d}' % _input_tokens(req.body))
+        if path == "/v1/models":
+            _need(method, "GET")
+            return Plan(200, [_JSON], _OPENAI_MODELS if openai else _ANTHROPIC_MODELS)
+        if path.startswith("/v1/models/"):
+            _need(method, "GET")
+            model = path[len("/v1/models/") :]
+            body = (_OPENAI_MODEL if openai else _ANTHROPIC_MODEL).get(model)
+            if body is None:
+                raise _Bad(404, f"model: {model}")
+            return Plan(200, [_JSON], body)
+        raise _Bad(404, f"no route for {method} {path}")
+
+    def _messages(self, req: RecordedRequest, fault: Fault, n: int) -> Plan:
+        try:
+            env = _decode_anthropic(req.body)
+        except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+            raise _Bad(400, str(exc)) from None
+        if env.max_tokens < 1:
+            raise _Bad(400, "max_tokens: must be at least 1")
+        if not env.messages:
+            raise _Bad(400, "messages: at least one message is required")
+        thinking = None
+        if env.thinking and env.thinking.get("type") == "enabled":
+            thinking = int(env.thinking.get("budget_tokens") or n)
+        tool = None
+        if env.tools:
+            choice = env.tool_choice or {}
+            kind = choice.get("type")
+            chosen = None
+            if kind == "tool":
+                chosen = next((t for t in env.tools if t.name == choice.get("name")), None)
+                if chosen is None:
+                    raise _Bad(400, f"tool_choice: no tool named {choice.get('name')!r}")
+            elif kind == "any" or (kind != "none" and _asks_for_tool(env.messages)):
+                chosen = env.tools[0]
+            if chosen is not None:
+                tool = (chosen.name, chosen.input_schema)
+        reply = _compose(req.body, env.model, n, env.max_tokens, thinking, tool, env.stop_sequences)
+        headers = [(b"request-id", b"req_mock_" + reply.hexid[:24].encode())] + _ANTHROPIC_HEADERS
+        if env.stream:
+            plan = Plan(200, headers + _SSE)
+            plan.events = _anthropic_events(reply, fault)
+            return plan
+        return Plan(200, headers + [_JSON], _anthropic_message(reply))
+
+    def _chat(self, req: RecordedRequest, fault: Fault, n: int) -> Plan:
+        try:
+            env = _decode_openai(req.body)
+        except msgspec.DecodeError as exc:
+            raise _Bad(400, str(exc)) from None
+        if not env.messages:
+            raise _Bad(400, "messages: at least one message is required")
+        tool = None
+        funcs = [t.function for t in env.tools or () if t.function is not None]
+        if funcs:
+            choice = env.tool_choice
+            chosen = None
+            if isinstance(choice, dict):
+                want = (choice.get("function") or {}).get("name")
+                chosen = next((f for f in funcs if f.name == want), None)
+                if chosen is None:
+                    raise _Bad(400, f"tool_choice: no function named {want!r}")
+            elif choice == "required" or (choice != "none" and _asks_for_tool(env.messages)):
+                chosen = funcs[0]
+            if chosen is not None:
+                tool = (chosen.name, chosen.parameters)
+        limit = env.max_completion_tokens if env.max_completion_tokens is not None else env.max_tokens
+        stops = [env.stop] if isinstance(env.stop, str) else env.stop
+        thinking = n if env.reasoning_effort is not None else None
+        reply = _compose(req.body, env.model, n, limit, thinking, tool, stops)
+        headers = [(b"x-request-id", b"req_mock_" + reply.hexid[:24].encode())]
+        if env.stream:
+            plan = Plan(200, headers + _SSE)
+            include = env.stream_options is not None and env.stream_options.include_usage
+            plan.events = _openai_events(reply, fault, include)
+            return plan
+        return Plan(200, headers + [_JSON], _openai_completion(reply))
+
+
+def _need(method: str, want: str) -> None:
+    if method != want:
+        raise _Bad(405, f"method {method} not allowed")
+
+
+def _speaks_openai(req: RecordedRequest) -> bool:
+    """OpenAI's error and model-list shapes, or Anthropic's?
+
+    The chat path is OpenAI's alone. ``/v1/models`` is shared, so a Bearer
+    token without ``anthropic-version`` (what the OpenAI SDK sends) decides.
+    """
+    if req.path == "/v1/chat/completions":
+        return True
+    if not req.path.startswith("/v1/models"):
+        return False
+    bearer = False
+    for name, value in req.headers:
+        if name == b"anthropic-version":
+            return False
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            bearer = True
+    return bearer
+
+
+def _error_plan(status: int, message: str, openai: bool) -> Plan:
+    if openai:
+        return Plan(status, [_JSON], _openai_error(message, status))
+    return Plan(status, [_JSON, (b"request-id", b"req_mock_error")], error_body(type_for_status(status), message))
+
+
+# ---------------------------------------------------------------------------
+# The trio shell
+# ---------------------------------------------------------------------------
+
+# One receive per request in the common case: Claude Code bodies reach ~200 KiB,
+# a benchmark request is < 1 KiB; 64 KiB is trio's own default chunk size.
+_RECV_BYTES = 65536
+# Matches common kernels' somaxconn ceiling; the benchmark opens hundreds at once.
+_BACKLOG = 4096
+# Requests remembered for tests; bounded so a benchmark run cannot grow memory.
+_KEEP_REQUESTS = 10_000
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+
+
+class _Outcome:
+    DONE, GONE, RESET = "done", "gone", "reset"
+
+
+class MockUpstream:
+    """The HTTP/1.1 server around ``MockCore``.
+
+    ``requests`` keeps the most recent requests (bounded), ``calls`` counts
+    all of them, ``disconnects`` counts peers that left while a response was
+    still being sent, delayed or hung; ``wait_disconnect`` blocks until it
+    reaches a number, so a test can assert the proxy really hung up upstream.
+    Paths under ``/_mock/`` are neither recorded nor counted.
+    """
+
+    def __init__(self, settings: MockSettings | None = None, *, keep_requests: int = _KEEP_REQUESTS) -> None:
+        self.settings = settings or MockSettings()
+        self.core = MockCore(self.settings)
+        self.requests: collections.deque[RecordedRequest] = collections.deque(maxlen=keep_requests)
+        self.calls = 0
+        self.connections = 0  # accepted; lets a test see whether a client kept its connection alive
+        self.disconnects = 0
+        self._disconnected = trio.Event()
+
+    async def wait_disconnect(self, count: int | None = None) -> None:
+        """Wait until ``disconnects`` reaches ``count`` (default: one more than now)."""
+        target = self.disconnects + 1 if count is None else count
+        while self.disconnects < target:
+            await self._disconnected.wait()
+
+    def _note_disconnect(self) -> None:
+        self.disconnects += 1
+        self._disconnected.set()
+        self._disconnected = trio.Event()
+
+    async def serve(self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        s = self.settings
+        family, type_, proto, _, addr = (
+            await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        )[0]
+        sock = trio.socket.socket(family, type_, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if s.reuse_port or s.workers > 1:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            await sock.bind(addr)
+            sock.listen(_BACKLOG)
+        except BaseException:
+            sock.close()
+            raise
+        actual = sock.getsockname()[1]
+        listener = trio.SocketListener(sock)
+        async with trio.open_nursery() as nursery:
+            for _ in range(s.workers - 1):
+                nursery.start_soon(partial(_run_worker, s, host, actual))
+            task_status.started(actual)
+            await trio.serve_listeners(self._connection, [listener], handler_nursery=nursery)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                event = await _next_event(stream, conn)
+                if not isinstance(event, h11.Request):
+                    return  # ConnectionClosed: the client is done with us
+                chunks = []
+                while True:
+                    part = await _next_event(stream, conn)
+                    if type(part) is h11.Data:
+                        chunks.append(part.data)
+                    elif type(part) is h11.EndOfMessage:
+                        break
+                    else:
+                        return  # closed mid-body
+                target = event.target.decode("latin-1")
+                path, _, query = target.partition("?")
+                req = RecordedRequest(event.method.decode("latin-1"), path, query, list(event.headers), b"".join(chunks))
+                if path.startswith("/_mock/"):
+                    plan = self._mock_route(req)
+                else:
+                    self.calls += 1
+                    self.requests.append(req)
+                    plan = self.core.respond(req)
+                if not await self._respond(stream, conn, plan):
+                    return
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return  # Connection: close, or HTTP/1.0
+                conn.start_next_cycle()
+        except h11.RemoteProtocolError as exc:
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                with trio.move_on_after(1):  # a courtesy 400, not worth waiting for
+                    body = error_body("invalid_request_error", str(exc))
+                    try:
+                        await stream.send_all(
+                            conn.send(h11.Response(status_code=exc.error_status_hint, headers=[_JSON, (b"content-length", b"%d" % len(body))]))
+                            + conn.send(h11.Data(data=body))
+                            + conn.send(h11.EndOfMessage())
+                        )
+                    except (trio.BrokenResourceError, h11.LocalProtocolError):
+                        pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await stream.aclose()
+
+    def _mock_route(self, req: RecordedRequest) -> Plan:
+        if req.path == "/_mock/stats":
+            stats = {"calls": self.calls, "connections": self.connections, "disconnects": self.disconnects, "pid": os.getpid()}
+            return Plan(200, [_JSON], _encode(stats))
+        return _error_plan(404, f"no route for {req.method} {req.path}", False)
+
+    async def _respond(self, stream: trio.SocketStream, conn: h11.Connection, plan: Plan) -> bool:
+        """Carry out a plan; False when the connection cannot be reused."""
+        try:
+            if plan.delayed:
+                outcome = _Outcome.GONE
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_watch_peer, stream, conn, nursery.cancel_scope)
+                    outcome = await _send(stream, conn, plan)
+                    nursery.cancel_scope.cancel()
+            else:
+                outcome = await _send(stream, conn, plan)
+        except trio.BrokenResourceError:
+            outcome = _Outcome.GONE
+        if outcome is _Outcome.GONE:
+            self._note_disconnect()
+            return False
+        if outcome is _Outcome.RESET:
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            await stream.aclose()
+            return False
+        return True
+
+
+async def _next_event(stream: trio.SocketStream, conn: h11.Connection) -> Any:
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        if conn.they_are_waiting_for_100_continue:
+            await stream.send_all(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+        conn.receive_data(await stream.receive_some(_RECV_BYTES))
+
+
+async def _watch_peer(stream: trio.SocketStream, conn: h11.Connection, scope: trio.CancelScope) -> None:
+    """Read while a response waits: EOF or a reset means the peer has gone."""
+    try:
+        while True:
+            data = await stream.receive_some(_RECV_BYTES)
+            if not data:
+                break
+            conn.receive_data(data)  # a pipelined request, kept for the next cycle
+    except trio.BrokenResourceError:
+        pass
+    scope.cancel()
+
+
+async def _send(stream: trio.SocketStream, conn: h11.Connection, plan: Plan) -> str:
+    if plan.latency > 0:
+        await trio.sleep(plan.latency)
+    if plan.hang:
+        await trio.sleep_forever()
+    headers = plan.headers
+    if plan.events is None:
+        headers = headers + [(b"content-length", b"%d" % len(plan.body))]
+    head = conn.send(h11.Response(status_code=plan.status, headers=headers))
+    if plan.events is None:
+        cut = plan.hang_after if plan.hang_after >= 0 else plan.reset_after
+        if cut < 0:
+            await stream.send_all(head + conn.send(h11.Data(data=plan.body)) + conn.send(h11.EndOfMessage()))
+            return _Outcome.DONE
+        if cut > 0:  # the head and half the body, then the fault
+            await stream.send_all(head + conn.send(h11.Data(data=plan.body[: len(plan.body) // 2])))
+    elif not await _send_events(stream, conn, plan, head):
+        return _Outcome.DONE
+    if plan.hang_after >= 0:
+        await trio.sleep_forever()
+    return _Outcome.RESET
+
+
+async def _send_events(stream: trio.SocketStream, conn: h11.Connection, plan: Plan, head: bytes) -> bool:
+    """Write SSE events; True when a hang/reset fault cut the stream short.
+
+    Unpaced, the whole stream leaves in one write (ARCHITECTURE.md: every
+    write costs the reader a receive). Paced, each event is its own write, as
+    a real upstream's would be; runs of events without delay go together.
+    """
+    events = plan.events
+    assert events is not None
+    stop = len(events)
+    faulted = plan.hang_after >= 0 or plan.reset_after >= 0
+    if faulted:
+        stop = min(stop, plan.hang_after if plan.hang_after >= 0 else plan.reset_after)
+    one_by_one = plan.interval > 0 or plan.slow > 0
+    first = next((i for i, (_, kind) in enumerate(events) if kind == _DELTA), -1)
+    out = [head]
+    batch: list[bytes] = []
+    for i in range(stop):
+        data, kind = events[i]
+        delay = plan.slow if i else 0.0
+        if i == first:
+            delay += plan.ttft
+        elif kind == _DELTA and i > first:
+            delay += plan.interval
+        if delay > 0:
+            if batch:
+                out.append(conn.send(h11.Data(data=b"".join(batch))))
+                batch.clear()
+            if out:
+                await stream.send_all(b"".join(out))
+                out.clear()
+            await trio.sleep(delay)
+        if one_by_one:
+            out.append(conn.send(h11.Data(data=data)))
+            await stream.send_all(b"".join(out))
+            out.clear()
+        else:
+            batch.append(data)
+    if batch:
+        out.append(conn.send(h11.Data(data=b"".join(batch))))
+    if not faulted:
+        out.append(conn.send(h11.EndOfMessage()))
+    if out:
+        await stream.send_all(b"".join(out))
+    return faulted
+
+
+async def _run_worker(s: MockSettings, host: str, port: int) -> None:
+    """One extra process on the same port; cancelling this kills it."""
+    argv = [sys.executable, "-m", "proxy.mock_upstream", *_settings_argv(s), "--host", host, "--port", str(port)]
+    env = dict(os.environ)
+    # The child must import this package even when it is not installed.
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    await trio.run_process(argv, stdout=subprocess.DEVNULL, env=env)
+
+
+def _settings_argv(s: MockSettings) -> list[str]:
+    return [
+        "--latency-ms", str(s.latency_ms),
+        "--ttft-ms", str(s.ttft_ms),
+        "--tokens-per-second", str(s.tokens_per_second),
+        "--output-tokens", str(s.output_tokens),
+        "--fault", s.fault,
+        "--workers", "1",
+        "--reuse-port",
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = MockSettings()
+    parser.add_argument("--host", default="127.0.0.1", help="loopback by default: a mock is never public")
+    parser.add_argument("--port", type=int, default=8081, help="8081: next to the proxy's 8080; 0 = ephemeral")
+    parser.add_argument("--latency-ms", type=float, default=d.latency_ms, help="delay before the response head")
+    parser.add_argument("--ttft-ms", type=float, default=d.ttft_ms, help="delay before the first content delta")
+    parser.add_argument("--tokens-per-second", type=float, default=d.tokens_per_second, help="0 = unpaced")
+    parser.add_argument("--output-tokens", type=int, default=d.output_tokens, help="words in a reply")
+    parser.add_argument("--fault", default=d.fault, help="default x-mock-fault for every request")
+    parser.add_argument("--workers", type=int, default=d.workers, help="processes sharing the port")
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+
+
+def settings_from_args(ns: argparse.Namespace) -> MockSettings:
+    return MockSettings(
+        latency_ms=ns.latency_ms,
+        ttft_ms=ns.ttft_ms,
+        tokens_per_second=ns.tokens_per_second,
+        output_tokens=ns.output_tokens,
+        fault=ns.fault,
+        workers=max(1, ns.workers),
+        reuse_port=ns.reuse_port,
+    )
+
+
+async def serve_forever(mock: MockUpstream, host: str, port: int) -> None:
+    """Serve until SIGINT or SIGTERM, then stop cleanly.
+
+    SIGTERM is what ``trio.run_process`` (and most supervisors) send; turning it
+    into a cancellation lets a parent with ``workers > 1`` reap its children
+    instead of dying and leaving them orphaned on the port.
+    """
+    async with trio.open_nursery() as nursery:
+        actual = await nursery.start(mock.serve, host, port)
+        shown = f"[{host}]" if ":" in host else host
+        print(f"mock upstream listening on http://{shown}:{actual}", flush=True)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+_serve_forever = serve_forever  # the name proxy/cli.py calls
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m proxy.mock_upstream", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    ns = parser.parse_args(argv)
+    try:
+        mock = MockUpstream(settings_from_args(ns))
+    except ValueError as exc:
+        parser.error(f"--fault: {exc}")
+    try:
+        trio.run(serve_forever, mock, ns.host, ns.port)
+    except KeyboardInterrupt:  # a second Ctrl-C while shutting down
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

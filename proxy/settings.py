@@ -1,0 +1,256 @@
+"""One ``Settings`` tree builds one app.
+
+Read from a TOML file (``--config`` or ``WEIR_CONFIG``) and overridden by
+``WEIR_<SECTION>__<FIELD>`` environment variables (``WEIR_SERVER__PORT=9000``).
+Every Struct forbids unknown fields, so a mistyped key stops start-up with a
+message naming it instead of being silently ignored — the classic way a
+gateway ends up running without the limit its operator thought they set.
+
+A few flat variables cover the quick start without a file:
+``WEIR_UPSTREAM_URL``, ``WEIR_UPSTREAM_KIND``, ``WEIR_UPSTREAM_MODEL`` and
+``WEIR_UPSTREAM_KEY_ENV`` describe a single upstream.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import msgspec
+
+__all__ = ["Settings", "SettingsError", "load_settings", "settings_from_dict"]
+
+MiB = 1024 * 1024
+
+
+class SettingsError(Exception):
+    """The configuration cannot start a server; the message says which key."""
+
+
+class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerSettings(_Base):
+    host: str = "127.0.0.1"  # loopback by default: exposing a gateway is a decision, not a default
+    port: int = 8080
+    workers: int = 1
+    # Anthropic's own request size limit for the Messages API is 32 MB.
+    max_body_bytes: int = 32 * MiB
+    # Long LLM streams run for minutes; a drain shorter than one generation
+    # cuts replies off on every deploy. Ten minutes matches Anthropic's
+    # non-streaming request ceiling.
+    drain_s: float = 600.0
+    # How long /ready reports 503 before listeners close, so a load balancer
+    # polling every few seconds stops routing here first (Kubernetes probes
+    # default to a 10 s period; 0 for tests and single-host use).
+    drain_notice_s: float = 0.0
+    # Idle keep-alive connections: Claude Code keeps one connection per
+    # session and pauses between turns, often for longer than Hypercorn's 5 s.
+    keep_alive_s: float = 75.0
+    access_log: bool = True
+    log_level: str = "info"
+
+
+class DeadlineSettings(_Base):
+    connect_s: float = 10.0  # TCP + TLS to the upstream; the Anthropic SDK uses 5-10 s too
+    # Time to the response head. Extended thinking can hold the head of a
+    # non-streamed reply for minutes, so it is generous by default.
+    first_byte_s: float = 600.0
+    # The whole request; Anthropic closes non-streaming requests at 10 minutes.
+    total_s: float = 600.0
+    # How long a stream may go without a byte before it is treated as hung.
+    # Anthropic sends a ping at least every ~15 s during long thinking.
+    idle_s: float = 120.0
+
+
+class UpstreamSettings(_Base):
+    """One upstream target: a provider endpoint with its keys and connection budget."""
+
+    name: str = "default"
+    kind: Literal["anthropic", "openai"] = "anthropic"
+    # Anthropic: base URL without /v1 (as ANTHROPIC_BASE_URL); OpenAI: with /v1
+    # (as OPENAI_BASE_URL). Empty: the built-in mock upstream.
+    url: str = ""
+    # Replace the requested model with this one (an OpenAI-compatible server
+    # rarely serves a model called claude-*).
+    model: str = ""
+    api_keys: list[str] = []
+    # Names of environment variables holding keys; kept out of config files.
+    api_key_envs: list[str] = []
+    # The connection budget: httpx's pool size and the in-flight cap in front
+    # of it, so httpx never queues waiters (ARCHITECTURE.md: 64 in flight on
+    # one client collapses to ~350 req/s; capped at the pool it holds ~1,000).
+    max_connections: int = 64
+    # Extra headers sent upstream (e.g. OpenRouter's HTTP-Referer).
+    headers: dict[str, str] = {}
+
+    def keys(self, environ: Mapping[str, str]) -> list[str]:
+        found = list(self.api_keys)
+        for var in self.api_key_envs:
+            value = environ.get(var, "")
+            if value:
+                found.append(value)
+        return found
+
+
+class ClientKey(_Base):
+    tenant: str
+    key: str = ""
+    key_env: str = ""
+    weight: float = 1.0
+
+
+class AuthSettings(_Base):
+    client_keys: list[ClientKey] = []
+    # Admin API key (cache purge, key pools, breakers); empty disables the admin API.
+    admin_key: str = ""
+    admin_key_env: str = ""
+
+
+class MockSettingsConf(_Base):
+    """Quick-start mock upstream knobs (see ``weir mock-upstream --help``)."""
+
+    latency_ms: float = 0.0
+    ttft_ms: float = 0.0
+    tokens_per_second: float = 0.0
+    output_tokens: int = 16
+
+
+class Settings(_Base):
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    deadlines: DeadlineSettings = msgspec.field(default_factory=DeadlineSettings)
+    upstreams: list[UpstreamSettings] = []
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
+    mock: MockSettingsConf = msgspec.field(default_factory=MockSettingsConf)
+
+    def uses_mock(self) -> bool:
+        return not self.upstreams or all(not u.url for u in self.upstreams)
+
+
+_FLAT_UPSTREAM = {
+    "WEIR_UPSTREAM_URL": "url",
+    "WEIR_UPSTREAM_KIND": "kind",
+    "WEIR_UPSTREAM_MODEL": "model",
+    "WEIR_UPSTREAM_KEY_ENV": "api_key_envs",
+}
+# WEIR_* variables that are not settings: the config path, and test knobs.
+_NOT_SETTINGS = {"WEIR_CONFIG", "WEIR_SETTINGS_JSON"}
+
+
+def _env_overrides(environ: Mapping[str, str], data: dict[str, Any]) -> None:
+    for name, value in environ.items():
+        if not name.startswith("WEIR_") or name in _NOT_SETTINGS or name.startswith("WEIR_TEST_"):
+            continue
+        if name in _FLAT_UPSTREAM:
+            ups = data.setdefault("upstreams", [])
+            if not ups:
+                ups.append({})
+            field = _FLAT_UPSTREAM[name]
+            ups[0][field] = [value] if field == "api_key_envs" else value
+            continue
+        path = name[len("WEIR_") :].lower().split("__")
+        if len(path) != 2 or not all(path):
+            # Not ours to judge (WEIR_HYPOTHESIS_EXAMPLES and the like).
+            continue
+        section, field = path
+        if section not in Settings.__struct_fields__ or section == "upstreams":
+            raise SettingsError(f"environment variable {name}: unknown settings section {section!r}")
+        sect = data.setdefault(section, {})
+        if not isinstance(sect, dict):
+            raise SettingsError(f"environment variable {name}: section {section!r} is not a table")
+        sect[field] = value
+
+
+def settings_from_dict(data: dict[str, Any]) -> Settings:
+    try:
+        settings = msgspec.convert(data, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(f"invalid configuration: {exc}") from None
+    _validate(settings)
+    return settings
+
+
+def load_settings(
+    path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """TOML file, then ``WEIR_*`` variables, then explicit overrides (CLI flags)."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("WEIR_CONFIG") or None
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    _env_overrides(environ, data)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    return settings_from_dict(data)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    head, _, rest = dotted.partition(".")
+    if head == "upstreams":
+        ups = data.setdefault("upstreams", [])
+        if not ups:
+            ups.append({})
+        ups[0][rest] = value
+        return
+    target = data.setdefault(head, {})
+    target[rest] = value
+
+
+def _validate(s: Settings) -> None:
+    names = [u.name for u in s.upstreams]
+    if len(set(names)) != len(names):
+        raise SettingsError("upstreams: names must be unique")
+    for u in s.upstreams:
+        if u.max_connections < 1:
+            raise SettingsError(f"upstreams[{u.name}].max_connections must be at least 1")
+        if u.url and not u.url.startswith(("http://", "https://")):
+            raise SettingsError(f"upstreams[{u.name}].url must start with http:// or https://")
+    for ck in s.auth.client_keys:
+        if not ck.key and not ck.key_env:
+            raise SettingsError(f"auth.client_keys[{ck.tenant}]: give key or key_env")
+    if s.server.max_body_bytes < 1024:
+        raise SettingsError("server.max_body_bytes must be at least 1024")
+    if s.server.workers < 1:
+        raise SettingsError("server.workers must be at least 1")
+    d = s.deadlines
+    for field in ("connect_s", "first_byte_s", "total_s", "idle_s"):
+        if getattr(d, field) <= 0:
+            raise SettingsError(f"deadlines.{field} must be positive")
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(s: Settings, environ: Mapping[str, str]) -> None:
+    """Refuse to sell our upstream key to the network.
+
+    A gateway bound beyond loopback that adds its own upstream key and asks
+    clients for none is an open relay on the operator's bill.
+    """
+    if is_loopback(s.server.host):
+        return
+    has_upstream_key = any(u.keys(environ) for u in s.upstreams)
+    if has_upstream_key and not s.auth.client_keys:
+        raise SettingsError(
+            f"refusing to listen on {s.server.host} with an upstream key and no client keys: "
+            "configure auth.client_keys, or bind to 127.0.0.1"
+        )

@@ -1,0 +1,54 @@
+"""The upstream interface: plain data in, a head and a byte stream out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+__all__ = ["UpstreamRequest", "UpstreamResponse", "UpstreamError"]
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    """An Anthropic-shaped request as the client sent it.
+
+    ``path`` is the API path (``/v1/messages``); ``query`` the raw query
+    string (Claude Code sends ``beta=true``). ``headers`` are already filtered
+    for the upstream leg, minus credentials, which the target adds.
+    """
+
+    method: str
+    path: str
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    stream: bool = False
+    model: str = ""
+    # The client's own credentials (passthrough mode), forwarded as sent.
+    client_credentials: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+class UpstreamResponse(Protocol):
+    status: int
+    headers: list[tuple[bytes, bytes]]
+
+    def aiter(self) -> AsyncIterator[bytes]:
+        """Body bytes as the upstream delivers them, one item per read."""
+        ...
+
+    async def read(self, limit: int) -> bytes: ...
+
+
+class UpstreamError(Exception):
+    """The upstream call failed without a usable HTTP response.
+
+    ``kind`` drives the retry policy: ``connect`` (nothing was sent),
+    ``timeout``, ``reset`` (connection dropped), ``protocol`` (not HTTP or
+    not the format we expected).
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message

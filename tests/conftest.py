@@ -1,0 +1,45 @@
+"""Shared fixtures.
+
+Services (Redis, PostgreSQL) are read from ``WEIR_TEST_REDIS_URL`` and
+``WEIR_TEST_DATABASE_URL``, defaulting to the local ones. A test that needs one
+skips when it is unreachable — except under ``CI=true``, where a missing
+service is a failure, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlsplit
+
+import pytest
+
+REDIS_URL = os.environ.get("WEIR_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+DATABASE_URL = os.environ.get("WEIR_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _need(url: str, port: int, what: str) -> str:
+    if _reachable(url, port):
+        return url
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} at {url} is unreachable, and CI=true forbids skipping")
+    pytest.skip(f"{what} at {url} is unreachable")
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return _need(REDIS_URL, 6379, "Redis")
+
+
+@pytest.fixture
+def database_url() -> str:
+    return _need(DATABASE_URL, 5432, "PostgreSQL")
