@@ -13,6 +13,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from .errors import error_body
+from .headers import request_id
 
 if TYPE_CHECKING:
     from .app import Weir
@@ -62,6 +63,11 @@ def build_admin(weir: Weir) -> QuartTrio:
                 for t in weir.targets
             ],
         }
+
+    @app.after_request
+    async def tag(response: Response) -> Response:
+        response.headers["x-request-id"] = request_id({b"x-request-id": request.headers.get("x-request-id", "").encode()})
+        return response
 
     @app.errorhandler(404)
     async def not_found(_: Any) -> Response:

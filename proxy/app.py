@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -24,7 +23,7 @@ import trio
 from .auth import Authenticator
 from .envelope import decode_count_tokens, decode_messages
 from .errors import ProxyError
-from .headers import upstream_request_headers
+from .headers import request_id, upstream_request_headers
 from .relay import (
     Deadlines,
     Exchange,
@@ -47,15 +46,6 @@ access_log = logging.getLogger("weir.access")
 log = logging.getLogger("weir")
 
 _DRAINING = ProxyError(503, "Weir is shutting down; retry on another instance", "overloaded_error", [(b"connection", b"close"), (b"retry-after", b"1")])
-
-
-def _request_id(headers: Mapping[bytes, bytes]) -> str:
-    # Propagate a caller's id when it is sane, so one id follows a request
-    # across their systems and ours.
-    given = headers.get(b"x-request-id")
-    if given and len(given) <= 128 and given.isascii() and given.replace(b"-", b"").replace(b"_", b"").isalnum():
-        return given.decode()
-    return "req_weir_" + secrets.token_hex(12)
 
 
 class Weir:
@@ -104,7 +94,7 @@ class Weir:
             elif path.startswith("/v1/messages/batches"):
                 methods = {"GET": self.passthrough, "POST": self.passthrough, "DELETE": self.passthrough}
         headers = dict(scope["headers"])
-        ex = Exchange(request_id=_request_id(headers), started=time.perf_counter(), method=scope["method"], path=path)
+        ex = Exchange(request_id=request_id(headers), started=time.perf_counter(), method=scope["method"], path=path)
         handler = methods.get(scope["method"]) if methods is not None else None
         if handler is None:
             if methods is None:
@@ -203,6 +193,8 @@ class Weir:
             except ValueError:
                 raise ProxyError(400, "content-length is not a number", "invalid_request_error") from None
         first = await receive()
+        if first["type"] == "http.disconnect":
+            raise _ClientGone()
         body = first.get("body", b"")
         if not first.get("more_body", False):
             if len(body) > limit:
@@ -217,6 +209,8 @@ class Weir:
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > limit:
+                if msg.get("more_body", False):
+                    await _discard_rest(receive)
                 raise ProxyError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
             parts.append(chunk)
             if not msg.get("more_body", False):
@@ -376,6 +370,23 @@ def _replace(struct: Any, **changes: Any) -> Any:
     import msgspec
 
     return msgspec.structs.replace(struct, **changes)
+
+
+# After refusing an oversized body, read this much more of it so the client,
+# still sending, is listening when the 413 arrives; past it, the connection
+# closes and a client that keeps sending sees a reset instead.
+_DISCARD_LIMIT = 1024 * 1024
+
+
+async def _discard_rest(receive: Receive) -> None:
+    seen = 0
+    while seen < _DISCARD_LIMIT:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise _ClientGone()
+        seen += len(msg.get("body", b""))
+        if not msg.get("more_body", False):
+            return
 
 
 class _ClientGone(Exception):

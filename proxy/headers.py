@@ -8,7 +8,10 @@ hop-by-hop ones (RFC 9110 §7.6.1), the ones httpx recomputes, and Weir's own
 
 from __future__ import annotations
 
-__all__ = ["HOP_BY_HOP", "upstream_request_headers", "client_response_headers"]
+import secrets
+from collections.abc import Mapping
+
+__all__ = ["HOP_BY_HOP", "upstream_request_headers", "client_response_headers", "request_id"]
 
 # RFC 9110 §7.6.1 plus the de-facto ones proxies strip (keep-alive, proxy-*).
 HOP_BY_HOP = frozenset(
@@ -53,3 +56,15 @@ def upstream_request_headers(
 
 def client_response_headers(upstream_headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return [(n, v) for n, v in upstream_headers if n not in HOP_BY_HOP]
+
+
+def request_id(headers: Mapping[bytes, bytes]) -> str:
+    """The id on every response and log line of one request.
+
+    A caller's own ``x-request-id`` is kept when it is sane, so one id follows
+    a request across their systems and ours.
+    """
+    given = headers.get(b"x-request-id")
+    if given and len(given) <= 128 and given.isascii() and given.replace(b"-", b"").replace(b"_", b"").isalnum():
+        return given.decode()
+    return "req_weir_" + secrets.token_hex(12)

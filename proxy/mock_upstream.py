@@ -12,8 +12,8 @@ into a ``Plan`` (status, headers, body or SSE events, delays, faults) with no
 socket and no clock. ``MockUpstream`` is the trio shell that reads requests with
 h11, carries out plans, and notices peers that leave mid-response.
 
-Replies are a pure function of the request body (words are drawn from a
-generator seeded by the body's hash, ids are derived from it), so two identical
+Replies are a pure function of the request body (ids from the body's hash,
+words from a generator seeded by the hash of ``messages``), so two identical
 requests get byte-identical bodies — the cache and coalescing tests rely on it.
 Per-request behaviour (faults, delays, reply length) is steered with
 ``x-mock-*`` headers; see ``parse_fault`` for the fault syntax.
@@ -284,6 +284,7 @@ def _tool_input(rng: random.Random, schema: dict[str, Any] | None) -> dict[str, 
 
 def _compose(
     body: bytes,
+    messages: list[msgspec.Raw],
     model: str,
     n: int,
     limit: int | None,
@@ -291,10 +292,15 @@ def _compose(
     tool: tuple[str, dict[str, Any] | None] | None,
     stops: list[str] | None,
 ) -> _Reply:
-    digest = hashlib.blake2b(body, digest_size=16).digest()
-    rng = random.Random(digest)
+    # Ids come from the whole body, so identical requests get identical bytes.
+    # Words come from the conversation alone, so the streamed and unstreamed
+    # forms of a request (or two max_tokens) tell the same story.
+    convo = hashlib.blake2b(digest_size=16)
+    for raw in messages:
+        convo.update(raw)
+    rng = random.Random(convo.digest())
     r = _Reply()
-    r.hexid = digest.hex()
+    r.hexid = hashlib.blake2b(body, digest_size=16).hexdigest()
     r.model = model
     r.input_tokens = _input_tokens(body)
     r.stop_sequence = None
@@ -798,7 +804,7 @@ class MockCore:
                 chosen = env.tools[0]
             if chosen is not None:
                 tool = (chosen.name, chosen.input_schema)
-        reply = _compose(req.body, env.model, n, env.max_tokens, thinking, tool, env.stop_sequences)
+        reply = _compose(req.body, env.messages, env.model, n, env.max_tokens, thinking, tool, env.stop_sequences)
         headers = [(b"request-id", b"req_mock_" + reply.hexid[:24].encode())] + _ANTHROPIC_HEADERS
         if env.stream:
             plan = Plan(200, headers + _SSE)
@@ -830,7 +836,7 @@ class MockCore:
         limit = env.max_completion_tokens if env.max_completion_tokens is not None else env.max_tokens
         stops = [env.stop] if isinstance(env.stop, str) else env.stop
         thinking = n if env.reasoning_effort is not None else None
-        reply = _compose(req.body, env.model, n, limit, thinking, tool, stops)
+        reply = _compose(req.body, env.messages, env.model, n, limit, thinking, tool, stops)
         headers = [(b"x-request-id", b"req_mock_" + reply.hexid[:24].encode())]
         if env.stream:
             plan = Plan(200, headers + _SSE)
@@ -881,6 +887,8 @@ _RECV_BYTES = 65536
 _BACKLOG = 4096
 # Requests remembered for tests; bounded so a benchmark run cannot grow memory.
 _KEEP_REQUESTS = 10_000
+# ...and by body bytes too: 10,000 Claude Code requests (~50 KiB each) would be 500 MB.
+_KEEP_BYTES = 64 * 1024 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
@@ -898,10 +906,18 @@ class MockUpstream:
     Paths under ``/_mock/`` are neither recorded nor counted.
     """
 
-    def __init__(self, settings: MockSettings | None = None, *, keep_requests: int = _KEEP_REQUESTS) -> None:
+    def __init__(
+        self,
+        settings: MockSettings | None = None,
+        *,
+        keep_requests: int = _KEEP_REQUESTS,
+        keep_bytes: int = _KEEP_BYTES,
+    ) -> None:
         self.settings = settings or MockSettings()
         self.core = MockCore(self.settings)
         self.requests: collections.deque[RecordedRequest] = collections.deque(maxlen=keep_requests)
+        self._keep_bytes = keep_bytes
+        self._kept_bytes = 0
         self.calls = 0
         self.connections = 0  # accepted; lets a test see whether a client kept its connection alive
         self.disconnects = 0
@@ -965,7 +981,7 @@ class MockUpstream:
                     plan = self._mock_route(req)
                 else:
                     self.calls += 1
-                    self.requests.append(req)
+                    self._record(req)
                     plan = self.core.respond(req)
                 if not await self._respond(stream, conn, plan):
                     return
@@ -988,6 +1004,17 @@ class MockUpstream:
             pass
         finally:
             await stream.aclose()
+
+    def _record(self, req: RecordedRequest) -> None:
+        kept = self.requests
+        if kept.maxlen == 0:
+            return
+        if len(kept) == kept.maxlen:
+            self._kept_bytes -= len(kept[0].body)
+        kept.append(req)
+        self._kept_bytes += len(req.body)
+        while self._kept_bytes > self._keep_bytes and len(kept) > 1:
+            self._kept_bytes -= len(kept.popleft().body)
 
     def _mock_route(self, req: RecordedRequest) -> Plan:
         if req.path == "/_mock/stats":
@@ -1069,7 +1096,10 @@ async def _send_events(stream: trio.SocketStream, conn: h11.Connection, plan: Pl
 
     Unpaced, the whole stream leaves in one write (ARCHITECTURE.md: every
     write costs the reader a receive). Paced, each event is its own write, as
-    a real upstream's would be; runs of events without delay go together.
+    a real upstream's would be. Delays run against absolute deadlines: a
+    relative sleep per event drifts (epoll rounds up to whole milliseconds), and
+    a stream that falls behind under load writes the events already due in one
+    go, as a real server's TCP stack would, instead of falling further behind.
     """
     events = plan.events
     assert events is not None
@@ -1077,10 +1107,10 @@ async def _send_events(stream: trio.SocketStream, conn: h11.Connection, plan: Pl
     faulted = plan.hang_after >= 0 or plan.reset_after >= 0
     if faulted:
         stop = min(stop, plan.hang_after if plan.hang_after >= 0 else plan.reset_after)
-    one_by_one = plan.interval > 0 or plan.slow > 0
     first = next((i for i, (_, kind) in enumerate(events) if kind == _DELTA), -1)
     out = [head]
     batch: list[bytes] = []
+    due = trio.current_time()
     for i in range(stop):
         data, kind = events[i]
         delay = plan.slow if i else 0.0
@@ -1089,19 +1119,16 @@ async def _send_events(stream: trio.SocketStream, conn: h11.Connection, plan: Pl
         elif kind == _DELTA and i > first:
             delay += plan.interval
         if delay > 0:
-            if batch:
-                out.append(conn.send(h11.Data(data=b"".join(batch))))
-                batch.clear()
-            if out:
-                await stream.send_all(b"".join(out))
-                out.clear()
-            await trio.sleep(delay)
-        if one_by_one:
-            out.append(conn.send(h11.Data(data=data)))
-            await stream.send_all(b"".join(out))
-            out.clear()
-        else:
-            batch.append(data)
+            due += delay
+            if trio.current_time() < due:
+                if batch:
+                    out.append(conn.send(h11.Data(data=b"".join(batch))))
+                    batch.clear()
+                if out:
+                    await stream.send_all(b"".join(out))
+                    out.clear()
+                await trio.sleep_until(due)
+        batch.append(data)
     if batch:
         out.append(conn.send(h11.Data(data=b"".join(batch))))
     if not faulted:

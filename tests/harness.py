@@ -82,3 +82,55 @@ def body(**fields: Any) -> bytes:
     base: dict[str, Any] = {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": "hello"}]}
     base.update(fields)
     return msgspec.json.encode(base)
+
+
+CLAUDE_CODE_BETA = (
+    "claude-code-20250219,oauth-2025-04-20,interleaved-thinking-2025-05-14,"
+    "fine-grained-tool-streaming-2025-05-14,context-management-2025-06-27,context-1m-2025-08-07"
+)
+
+
+def claude_code_body(stream: bool = True, tools: int = 12) -> bytes:
+    """A request shaped like Claude Code's: beta features, a dozen tools,
+    thinking, context management, metadata — and keys in Claude Code's order,
+    with a field Weir has never heard of, so byte-identity means something."""
+    tool_defs = [
+        {
+            "name": f"Tool{i}",
+            "description": f"Tool number {i}. " * 20,
+            "input_schema": {
+                "type": "object",
+                "properties": {"path": {"type": "string", "description": "where"}, "limit": {"type": "integer"}},
+                "required": ["path"],
+                "additionalProperties": False,
+                "$schema": "http://json-schema.org/draft-07/schema#",
+            },
+        }
+        for i in range(tools)
+    ]
+    doc = {
+        "model": "claude-sonnet-4-5-20250929",
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "<system-reminder>ctx</system-reminder>"}, {"type": "text", "text": "List the files.", "cache_control": {"type": "ephemeral"}}]},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_01", "name": "Tool0", "input": {"path": "."}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "a.py\nb.py"}]},
+        ],
+        "temperature": 1,
+        "system": [
+            {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude.", "cache_control": {"type": "ephemeral"}},
+            {"type": "text", "text": "Be helpful. " * 200},
+        ],
+        "tools": tool_defs,
+        "metadata": {"user_id": "user_abc_account_def_session_123"},
+        "max_tokens": 32000,
+        "thinking": {"budget_tokens": 31999, "type": "enabled"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "output_config": {"effort": "high"},
+        "weir_never_heard_of_this": {"nested": [1, 2.50, "\u00e9"]},
+        "stream": stream,
+    }
+    # Claude Code's own JSON spacing differs from msgspec's: keep a space after
+    # separators so a re-serializing proxy would be caught.
+    import json
+
+    return json.dumps(doc, separators=(", ", ": "), ensure_ascii=False).encode()

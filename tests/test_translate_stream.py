@@ -453,7 +453,9 @@ def test_claude_stream_to_openai_chunks_the_openai_sdk_accepts():
             state.handle_chunk(ChatCompletionChunk.model_validate_json(e.data))
     final = state.get_final_completion()
     assert final.choices[0].message.content == "Reading now."
-    assert [c.function.parsed_arguments for c in final.choices[0].message.tool_calls] == [{"path": "a.py"}, {}]
+    calls = final.choices[0].message.tool_calls
+    assert [(c.id, c.function.name, json.loads(c.function.arguments)) for c in calls] == [("toolu_1", "Read", {"path": "a.py"}), ("toolu_2", "Ls", {})]
+    assert final.choices[0].finish_reason == "tool_calls"
     assert final.usage.total_tokens == 57
 
 

@@ -250,8 +250,9 @@ def _usage_to_openai(usage: dict[str, Any]) -> dict[str, Any]:
 def anthropic_response_to_openai(resp: dict[str, Any], *, model: str | None = None, created: int = 0) -> dict[str, Any]:
     """A Messages response → a chat.completion.
 
-    ``created`` is the caller's Unix time (we keep no clock); ``model``
-    overrides the upstream's name, for clients that expect theirs echoed.
+    ``created`` is the caller's Unix time (we keep no clock; the 0 default is
+    for tests only); ``model`` (default: the upstream's name) overrides it,
+    for clients that expect theirs echoed.
     """
     texts: list[str] = []
     reasoning: list[str] = []
@@ -311,6 +312,9 @@ class AnthropicStreamToOpenAI:
     IDLE, MESSAGE, STOPPED, ENDED, DONE = "IDLE", "MESSAGE", "STOPPED", "ENDED", "DONE"
 
     def __init__(self, *, model: str | None = None, include_usage: bool = False, created: int = 0) -> None:
+        # model: None → echo the upstream's name from message_start.
+        # include_usage: False, OpenAI's own default; pass the client's stream_options.include_usage.
+        # created: 0 only for callers with no time to give; the ingress passes int(time.time()).
         self.state = self.IDLE
         self._model = model
         self._include_usage = include_usage

@@ -403,6 +403,11 @@ class OpenAIStreamToAnthropic:
         input_tokens_estimate: int = 0,
         buffer_tool_calls: bool = False,
     ) -> None:
+        # message_id: None → "msg_" + the upstream chunk id, as the whole-response path does.
+        # input_tokens_estimate: 0 unless the caller counted the prompt; OpenAI servers
+        #   report prompt tokens only at the end, and message_delta then carries the real count.
+        # buffer_tool_calls: False, because every server we target streams tool calls in
+        #   order, and buffering would hold a large Write/Edit input back until the end.
         self.state = self.IDLE
         self._model = model
         self._message_id = message_id
