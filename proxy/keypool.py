@@ -253,7 +253,7 @@ class KeyPool:
         # A key that said it is spent but gave no refill time goes last, not out.
         spent = k.requests == 0 or k.tokens == 0
         # In-flight leases will spend capacity the last response didn't know about.
-        return (not spent, requests, tokens)
+        return (not spent, requests - k.in_flight, tokens)
 
     def pick(self, now: float) -> Lease | None:
         """The usable key with the most capacity left, or None when none is usable.

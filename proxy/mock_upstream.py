@@ -265,8 +265,10 @@ def _input_tokens(body: bytes) -> int:
 
 
 def _tool_input(rng: random.Random, schema: dict[str, Any] | None) -> dict[str, Any]:
-    props = (schema or {}).get("properties") or {}
+    props = (schema or {}).get("properties")
     out: dict[str, Any] = {}
+    if not isinstance(props, dict):
+        return out
     for name, prop in props.items():
         kind = prop.get("type") if isinstance(prop, dict) else None
         if kind in ("integer", "number"):
@@ -790,7 +792,8 @@ class MockCore:
             raise _Bad(400, "messages: at least one message is required")
         thinking = None
         if env.thinking and env.thinking.get("type") == "enabled":
-            thinking = int(env.thinking.get("budget_tokens") or n)
+            budget = env.thinking.get("budget_tokens")
+            thinking = budget if isinstance(budget, int) else n
         tool = None
         if env.tools:
             choice = env.tool_choice or {}
@@ -825,7 +828,8 @@ class MockCore:
             choice = env.tool_choice
             chosen = None
             if isinstance(choice, dict):
-                want = (choice.get("function") or {}).get("name")
+                function = choice.get("function")
+                want = function.get("name") if isinstance(function, dict) else None
                 chosen = next((f for f in funcs if f.name == want), None)
                 if chosen is None:
                     raise _Bad(400, f"tool_choice: no function named {want!r}")
@@ -982,7 +986,12 @@ class MockUpstream:
                 else:
                     self.calls += 1
                     self._record(req)
-                    plan = self.core.respond(req)
+                    try:
+                        plan = self.core.respond(req)
+                    except Exception as exc:  # noqa: BLE001 - pure code: no Cancelled can come out of it
+                        # An input shape the core did not foresee must become a
+                        # 500 the test can see, not kill every other connection.
+                        plan = _error_plan(500, f"mock upstream bug: {exc!r}", _speaks_openai(req))
                 if not await self._respond(stream, conn, plan):
                     return
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:

@@ -31,12 +31,14 @@ def anthropic_headers(requests: int, tokens: int | None = None) -> dict[str, str
 def teach(p: KeyPool, key_index: int, headers: dict[str, str], now: float = 0.0, status: int = 200) -> None:
     """Send one request through a given key (by leasing until we get it) and report its response."""
     held: list[Lease] = []
-    while True:
+    for _ in range(10_000):
         lease = p.pick(now)
         assert lease is not None
         if lease.key_id == ids(p)[key_index]:
             break
         held.append(lease)
+    else:
+        pytest.fail(f"the pool never offered key #{key_index}")
     for other in held:
         p.release(other)
     p.observe(lease, status, headers, now)

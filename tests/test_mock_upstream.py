@@ -434,6 +434,10 @@ async def test_reset_after_through_httpx() -> None:
                 async for chunk in r.aiter_raw():
                     got.extend(parser.feed(chunk))
         assert len(got) == 3
+        # Unstreamed: the head and half the body, then the reset.
+        with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+            await client.post("/v1/messages", json=msg(), headers={"x-mock-fault": "reset_after=1"})
+        assert (await client.post("/v1/messages", json=msg())).status_code == 200  # a fresh connection works
 
 
 async def test_malformed_unknown_and_error_events() -> None:
