@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from .auth import Authenticator
+from .auth import Authenticator, Identity
 from .envelope import decode_count_tokens, decode_messages
 from .errors import ProxyError
 from .headers import request_id, upstream_request_headers
@@ -31,8 +31,8 @@ from .relay import (
     relay_error_response,
     relay_response,
     send_error,
-    upstream_failure,
 )
+from .router import Router
 from .settings import Settings
 from .upstream import Target, UpstreamError, UpstreamRequest
 
@@ -54,6 +54,7 @@ class Weir:
         self.environ = dict(os.environ if environ is None else environ)
         self.auth = Authenticator(settings.auth, self.environ)
         self.targets: list[Target] = []
+        self.router: Router
         self.draining = False
         self.started = False
         self.in_flight = 0
@@ -158,7 +159,7 @@ class Weir:
             return
         ex.model = env.model
         ex.stream = env.stream
-        await self._forward(scope, receive, send, headers, ex, body, ident.passthrough)
+        await self._forward(scope, receive, send, headers, ex, body, ident)
 
     async def count_tokens(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange) -> None:
         try:
@@ -170,7 +171,7 @@ class Weir:
             await send_error(send, ex, err)
             return
         ex.model = env.model
-        await self._forward(scope, receive, send, headers, ex, body, ident.passthrough)
+        await self._forward(scope, receive, send, headers, ex, body, ident)
 
     async def passthrough(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange) -> None:
         """Routes Weir forwards without reading: models, batches."""
@@ -181,7 +182,7 @@ class Weir:
         except ProxyError as err:
             await send_error(send, ex, err)
             return
-        await self._forward(scope, receive, send, headers, ex, body, ident.passthrough)
+        await self._forward(scope, receive, send, headers, ex, body, ident)
 
     async def _read_body(self, receive: Receive, headers: Mapping[bytes, bytes]) -> bytes:
         limit = self.settings.server.max_body_bytes
@@ -224,58 +225,55 @@ class Weir:
         headers: dict[bytes, bytes],
         ex: Exchange,
         body: bytes,
-        passthrough: bool,
+        ident: Identity,
     ) -> None:
-        target = self.targets[0]
-        ex.target = target.name
-        if passthrough:
-            credentials: list[tuple[bytes, bytes]] = []
-        elif target.keys:
-            credentials = target.credentials(target.keys[0])
-        else:
-            credentials = []
         req = UpstreamRequest(
             method=scope["method"],
             path=scope["path"],
             query=scope["query_string"],
-            headers=upstream_request_headers(scope["headers"], forward_credentials=passthrough, credentials=[]),
+            headers=upstream_request_headers(scope["headers"], forward_credentials=ident.passthrough, credentials=[]),
             body=body,
             stream=ex.stream,
             model=ex.model,
         )
         d = self.settings.deadlines
-        now = trio.current_time()
-        deadlines = Deadlines(total=now + d.total_s, first_byte_s=d.first_byte_s, idle_s=d.idle_s)
+        deadlines = Deadlines(total=trio.current_time() + d.total_s, first_byte_s=d.first_byte_s, idle_s=d.idle_s)
         async with trio.open_nursery() as nursery:
             # A client that hangs up cancels everything below, the upstream
             # call included: httpx closes that connection as it unwinds.
             nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, ex)
             try:
-                await self._exchange(send, ex, target, req, credentials, deadlines)
+                await self._respond(send, ex, req, headers, ident, deadlines)
             finally:
                 nursery.cancel_scope.cancel()
 
-    async def _exchange(self, send: Send, ex: Exchange, target: Target, req: UpstreamRequest, credentials: list[tuple[bytes, bytes]], deadlines: Deadlines) -> None:
-        now = trio.current_time()
-        first = now + deadlines.first_byte_s
-        with trio.CancelScope(deadline=first if first < deadlines.total else deadlines.total) as scope:
+    async def _respond(self, send: Send, ex: Exchange, req: UpstreamRequest, headers: dict[bytes, bytes], ident: Identity, deadlines: Deadlines) -> None:
+        """cache → coalesce → route → upstream → respond."""
+        await self._exchange(send, ex, req, ident, deadlines)
+
+    async def _exchange(self, send: Send, ex: Exchange, req: UpstreamRequest, ident: Identity, deadlines: Deadlines) -> None:
+        """One request relayed straight from its upstream call."""
+        first = trio.current_time() + deadlines.first_byte_s
+        with trio.CancelScope(deadline=min(first, deadlines.total)) as scope:
             t_up = time.perf_counter()
             try:
-                async with target.open(req, credentials=credentials) as resp:
+                async with self.router.open(req, ident=ident, ex=ex, deadlines=deadlines) as resp:
                     ex.upstream_s = time.perf_counter() - t_up
                     if resp.status >= 400:
                         await relay_error_response(send, ex, resp)
                         return
                     await relay_response(send, ex, resp, scope, deadlines)
-            except UpstreamError as exc:
+            except ProxyError as err:
                 if not ex.head_sent:
-                    await send_error(send, ex, upstream_failure(exc, target.name))
+                    await send_error(send, ex, err)
                 return
+            except UpstreamError:
+                return  # broke after the head: relay_response already ended the stream
         if scope.cancelled_caught:
             ex.outcome = "deadline"
             if not ex.head_sent:
                 phase = "first byte" if trio.current_time() < deadlines.total else "total"
-                await send_error(send, ex, ProxyError(504, f"upstream {target.name} did not answer within the {phase} deadline", "timeout_error"))
+                await send_error(send, ex, ProxyError(504, f"upstream {ex.target} did not answer within the {phase} deadline", "timeout_error"))
             elif ex.is_sse:
                 await end_stream_with_error(send, ex, "timeout_error", "the request deadline expired mid-stream")
 
@@ -342,6 +340,7 @@ class Weir:
             upstreams = [_replace(base, url=self.mock_url, name=base.name if upstreams else "mock")]
         for u in upstreams:
             self.targets.append(Target(u, url=u.url, keys=u.keys(self.environ), deadlines=self.settings.deadlines))
+        self.router = Router(self.settings, self.targets)
         self.started = True
 
     async def shutdown(self) -> None:

@@ -120,10 +120,95 @@ class MockSettingsConf(_Base):
     output_tokens: int = 16
 
 
+class RouteSettings(_Base):
+    """A requested model → an ordered chain of targets.
+
+    ``match`` is an exact model name, an alias, or a glob (``*haiku*``);
+    routes are tried in file order and the first match wins. Each entry of
+    ``targets`` is ``"upstream-name"`` or ``"upstream-name:model"`` (send that
+    model name to that upstream instead of the requested one).
+    """
+
+    match: str
+    targets: list[str]
+
+
+class BreakerSettings(_Base):
+    # Envoy outlier detection's consecutive_5xx default.
+    failure_threshold: int = 5
+    # Hystrix / resilience4j: 50% failures over at least 20 calls in the window.
+    failure_ratio: float = 0.5
+    min_requests: int = 20
+    window_s: float = 30.0
+    # Between Hystrix's 5 s sleep window and Envoy's 30 s base ejection time.
+    open_s: float = 15.0
+    half_open_probes: int = 2
+    success_threshold: int = 2
+
+
+class RetrySettings(_Base):
+    # The Anthropic SDK retries twice (3 attempts) with an 8 s cap.
+    max_attempts: int = 3
+    base_s: float = 0.2
+    cap_s: float = 8.0
+    # A longer Retry-After than this fails over to the next target instead of sleeping.
+    max_retry_after_s: float = 30.0
+
+
+class SchedulerSettings(_Base):
+    # "fair": deficit round-robin over tenants; "fifo": one semaphore (for comparison).
+    policy: Literal["fair", "fifo"] = "fair"
+    # Waiters per target before new ones are shed with 529: 8 connection
+    # budgets' worth, i.e. several seconds of backlog at LLM latencies.
+    max_queue: int = 512
+    # One tenant may hold at most this share of the queue, so a flood from one
+    # key sheds its own excess rather than everyone's (0 = no per-tenant bound).
+    max_queue_per_tenant: int = 256
+    # A backlogged lower priority class gets at least 1 grant in this many.
+    starvation_limit: int = 10
+    # tenant → weight (default 1.0); the client key's weight applies otherwise.
+    weights: dict[str, float] = {}
+
+
+class RateLimitSettings(_Base):
+    # 0 = unlimited. Per tenant, per minute, like Anthropic's own limits.
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    # tenant → {requests_per_minute, tokens_per_minute}
+    tenants: dict[str, dict[str, int]] = {}
+    # Empty: in-process buckets (one budget per worker). A redis:// URL: one
+    # budget shared by every worker and host.
+    redis_url: str = ""
+
+
+class CacheSettings(_Base):
+    # "deterministic": temperature 0 or `x-weir-cache: on`; "all"; "off".
+    mode: Literal["deterministic", "all", "off"] = "deterministic"
+    coalesce: bool = True
+    # An hour: long enough to absorb retries and re-runs, short enough that a
+    # model update is noticed the same day.
+    ttl_s: float = 3600.0
+    l1_max_bytes: int = 256 * MiB
+    # "sqlite" (one file per host, shared by the workers), "redis" (shared by
+    # hosts), or "none".
+    l2: Literal["sqlite", "redis", "none"] = "sqlite"
+    sqlite_path: str = "weir-cache.db"
+    sqlite_max_bytes: int = 2 * 1024 * MiB
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Streams bigger than this are relayed but not cached.
+    max_entry_bytes: int = 8 * MiB
+
+
 class Settings(_Base):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     deadlines: DeadlineSettings = msgspec.field(default_factory=DeadlineSettings)
     upstreams: list[UpstreamSettings] = []
+    routes: list[RouteSettings] = []
+    breaker: BreakerSettings = msgspec.field(default_factory=BreakerSettings)
+    retry: RetrySettings = msgspec.field(default_factory=RetrySettings)
+    scheduler: SchedulerSettings = msgspec.field(default_factory=SchedulerSettings)
+    ratelimit: RateLimitSettings = msgspec.field(default_factory=RateLimitSettings)
+    cache: CacheSettings = msgspec.field(default_factory=CacheSettings)
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     mock: MockSettingsConf = msgspec.field(default_factory=MockSettingsConf)
 
@@ -218,6 +303,13 @@ def _validate(s: Settings) -> None:
             raise SettingsError(f"upstreams[{u.name}].max_connections must be at least 1")
         if u.url and not u.url.startswith(("http://", "https://")):
             raise SettingsError(f"upstreams[{u.name}].url must start with http:// or https://")
+    known = set(names) | ({"mock"} if s.uses_mock() else set())
+    for r in s.routes:
+        if not r.targets:
+            raise SettingsError(f"routes[{r.match}]: give at least one target")
+        for t in r.targets:
+            if t.split(":", 1)[0] not in known:
+                raise SettingsError(f"routes[{r.match}]: target {t!r} names no upstream (known: {sorted(known)})")
     for ck in s.auth.client_keys:
         if not ck.key and not ck.key_env:
             raise SettingsError(f"auth.client_keys[{ck.tenant}]: give key or key_env")
