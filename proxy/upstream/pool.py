@@ -1,0 +1,304 @@
+"""The upstream connection pool: h11 on trio streams, nothing in between.
+
+Why not httpx here. The side-by-side benchmark's py-spy profile put ~42% of
+Weir's CPU in httpx/httpcore, and the single hottest function in the process
+was trio's ``is_readable``: on every request httpcore's pool calls
+``has_expired`` on *every* pooled connection, one ``select`` system call
+each, so the cost grows with the pool (ARCHITECTURE.md saw the same: 64 in
+flight on one client, ~350 req/s). Weir's scheduler already guarantees that
+no more requests are in flight than the pool holds, so the pool needs no
+waiter queue, no request routing and no per-request model objects: a stack
+of idle connections, a readability check on the one connection we take, and
+h11 for the protocol — the same protocol library httpcore and Hypercorn use.
+
+Reuse and staleness: an upstream may close an idle keep-alive connection at
+any time. The connection taken from the stack is checked once (readable
+while idle means EOF or garbage: discard it); if a request on a *reused*
+connection still fails before a single response byte arrived, it is retried
+once on a fresh connection — the server never read it, which is the case
+every HTTP client retries (RFC 9110 §9.2.2 leaves non-idempotent retries to
+the client's judgement; a closed-before-response connection is the one case
+where the request provably did not run to a response).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+from .base import UpstreamError
+
+__all__ = ["ConnectionPool", "PooledResponse"]
+
+# One receive per upstream read; 64 KiB holds a whole non-streamed reply or
+# a burst of SSE events, and matches what Hypercorn reads per receive.
+_RECV = 65536
+
+
+def _ssl_context() -> ssl.SSLContext:
+    try:
+        import certifi  # ships with httpx; the CA bundle the SDKs use too
+
+        return ssl.create_default_context(cafile=certifi.where())
+    except ImportError:  # pragma: no cover - certifi comes with httpx
+        return ssl.create_default_context()
+
+
+class _Conn:
+    __slots__ = ("stream", "h11", "sock", "idle_since", "reused")
+
+    def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType) -> None:
+        self.stream = stream
+        self.sock = sock
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.idle_since = 0.0
+        self.reused = False
+
+
+class PooledResponse:
+    """The head of a response, and its body as the upstream delivers it."""
+
+    __slots__ = ("status", "headers", "_pool", "_conn", "_done", "_pending")
+
+    def __init__(self, pool: ConnectionPool, conn: _Conn, status: int, headers: list[tuple[bytes, bytes]], pending: list[bytes]) -> None:
+        self._pool = pool
+        self._conn = conn
+        self.status = status
+        self.headers = headers
+        self._done = False
+        self._pending = pending
+
+    async def aiter(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        h = conn.h11
+        if self._pending:
+            data, self._pending = b"".join(self._pending), []
+            if self._done:
+                yield data
+                return
+            yield data
+        if self._done:
+            return
+        while True:
+            try:
+                raw = await conn.stream.receive_some(_RECV)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise UpstreamError("reset", f"upstream connection broke mid-response: {exc!r}") from None
+            h.receive_data(raw)
+            parts: list[bytes] = []
+            # Everything one read delivered goes out as one item: one ASGI
+            # send per upstream read, never one per chunk or event.
+            while True:
+                try:
+                    event = h.next_event()
+                except h11.RemoteProtocolError as exc:
+                    raise UpstreamError("reset" if not raw else "protocol", f"upstream response broke off: {exc}") from None
+                t = type(event)
+                if t is h11.Data:
+                    parts.append(event.data)
+                elif t is h11.EndOfMessage:
+                    self._done = True
+                    break
+                elif event is h11.NEED_DATA:
+                    break
+                elif t is h11.ConnectionClosed:
+                    raise UpstreamError("reset", "upstream closed the connection mid-response")
+            if parts:
+                yield parts[0] if len(parts) == 1 else b"".join(parts)
+            if self._done:
+                return
+
+    async def read(self, limit: int) -> bytes:
+        out: list[bytes] = []
+        size = 0
+        async for chunk in self.aiter():
+            out.append(chunk)
+            size += len(chunk)
+            if size >= limit:
+                break
+        return b"".join(out)[:limit]
+
+    @property
+    def complete(self) -> bool:
+        return self._done
+
+
+class ConnectionPool:
+    """Keep-alive connections to one origin. Callers cap concurrency; the pool does not queue."""
+
+    def __init__(self, url: str, *, connect_timeout: float, keepalive_expiry: float) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname
+        self.port = parts.port or (443 if self.tls else 80)
+        default_port = 443 if self.tls else 80
+        self.host_header = (parts.hostname if self.port == default_port else f"{parts.hostname}:{self.port}").encode()
+        if ":" in self.host and not self.host_header.startswith(b"["):  # IPv6 literal
+            self.host_header = (f"[{self.host}]" if self.port == default_port else f"[{self.host}]:{self.port}").encode()
+        self.base_path = parts.path.rstrip("/")
+        self.connect_timeout = connect_timeout
+        self.keepalive_expiry = keepalive_expiry
+        self._ssl = _ssl_context() if self.tls else None
+        self._idle: list[_Conn] = []
+        self.opened = 0  # connections opened over the pool's life (tests, stats)
+        self.closed = False
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    async def _connect(self) -> _Conn:
+        try:
+            with trio.fail_after(self.connect_timeout):
+                stream: trio.abc.Stream = await trio.open_tcp_stream(self.host, self.port)
+                sock = stream.socket  # type: ignore[attr-defined]
+                if self._ssl is not None:
+                    tls = trio.SSLStream(stream, self._ssl, server_hostname=self.host, https_compatible=True)
+                    await tls.do_handshake()
+                    stream = tls
+        except trio.TooSlowError:
+            raise UpstreamError("connect", f"connecting to {self.host}:{self.port} timed out after {self.connect_timeout:g}s") from None
+        except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
+            raise UpstreamError("connect", f"cannot connect to {self.host}:{self.port}: {exc}") from None
+        self.opened += 1
+        return _Conn(stream, sock)
+
+    def _take_idle(self) -> _Conn | None:
+        now = trio.current_time()
+        while self._idle:
+            conn = self._idle.pop()  # LIFO: the warmest connection, the least likely closed
+            if now - conn.idle_since > self.keepalive_expiry or conn.sock.fileno() < 0 or _readable(conn.sock):
+                _close_now(conn)
+                continue
+            conn.reused = True
+            return conn
+        return None
+
+    async def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> PooledResponse:
+        """Send one request and return once the response head arrived."""
+        conn = self._take_idle()
+        fresh = conn is None
+        if conn is None:
+            conn = await self._connect()
+        try:
+            return await self._exchange(conn, method, target, headers, body)
+        except _StaleConnection:
+            if fresh:
+                raise UpstreamError("reset", "upstream closed the connection before answering") from None
+        # The reused connection had been closed by the upstream: once more, fresh.
+        conn = await self._connect()
+        try:
+            return await self._exchange(conn, method, target, headers, body)
+        except _StaleConnection:
+            raise UpstreamError("reset", "upstream closed the connection before answering") from None
+
+    async def _exchange(self, conn: _Conn, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> PooledResponse:
+        h = conn.h11
+        ok = False
+        try:
+            all_headers = [(b"host", self.host_header), (b"content-length", b"%d" % len(body)), *headers]
+            try:
+                out = h.send(h11.Request(method=method, target=self.base_path.encode() + target, headers=all_headers))
+            except h11.LocalProtocolError as exc:
+                raise UpstreamError("protocol", f"request cannot be sent upstream: {exc}") from None
+            out += h.send(h11.Data(data=body)) if body else b""
+            out += h.send(h11.EndOfMessage())
+            received_any = False
+            try:
+                await conn.stream.send_all(out)
+                while True:
+                    event = h.next_event()
+                    if event is h11.NEED_DATA:
+                        raw = await conn.stream.receive_some(_RECV)
+                        if raw:
+                            received_any = True
+                        h.receive_data(raw)
+                        continue
+                    t = type(event)
+                    if t is h11.Response:
+                        break
+                    if t is h11.InformationalResponse:
+                        continue  # 100 Continue and friends: the real head follows
+                    if t is h11.ConnectionClosed:
+                        raise _StaleConnection()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                if not received_any and conn.reused:
+                    raise _StaleConnection() from None
+                raise UpstreamError("reset", f"upstream connection broke before the response: {exc!r}") from None
+            except h11.RemoteProtocolError as exc:
+                if not received_any and conn.reused:
+                    raise _StaleConnection() from None
+                raise UpstreamError("protocol" if received_any else "reset", f"upstream sent no valid HTTP response: {exc}") from None
+            # Data that arrived with the head: leave it in h11 and let aiter
+            # drain it before reading the socket again.
+            pending: list[bytes] = []
+            done = False
+            while True:
+                try:
+                    ev = h.next_event()
+                except h11.RemoteProtocolError as exc:
+                    raise UpstreamError("protocol", f"upstream response is malformed: {exc}") from None
+                if type(ev) is h11.Data:
+                    pending.append(ev.data)
+                elif type(ev) is h11.EndOfMessage:
+                    done = True
+                    break
+                else:
+                    break
+            resp = PooledResponse(self, conn, event.status_code, list(event.headers), pending)
+            resp._done = done
+            ok = True
+            return resp
+        finally:
+            if not ok:
+                _close_now(conn)
+
+    def release(self, resp: PooledResponse) -> None:
+        """Return the connection if the exchange completed cleanly; close it otherwise."""
+        conn = resp._conn
+        h = conn.h11
+        if resp._done and not self.closed and h.our_state is h11.DONE and h.their_state is h11.DONE:
+            try:
+                h.start_next_cycle()
+            except h11.LocalProtocolError:
+                _close_now(conn)
+                return
+            conn.idle_since = trio.current_time()
+            self._idle.append(conn)
+        else:
+            # Abandoned mid-body (client gone, deadline, error): the connection
+            # is mid-message and cannot be reused. Closing it is also how the
+            # upstream learns the call was cancelled.
+            _close_now(conn)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        while self._idle:
+            _close_now(self._idle.pop())
+
+
+class _StaleConnection(Exception):
+    """A reused connection turned out closed before any response byte."""
+
+
+def _readable(sock: trio.socket.SocketType) -> bool:
+    try:
+        return sock.is_readable()
+    except (OSError, ValueError):
+        return True
+
+
+def _close_now(conn: _Conn) -> None:
+    # Synchronous close: no await, so it is safe in cancelled code and in
+    # finally blocks. For TLS this skips close_notify, which HTTP/1.1 with
+    # explicit framing does not need (RFC 8446 §6.1 allows it).
+    try:
+        conn.sock.close()
+    except OSError:
+        pass
