@@ -47,6 +47,9 @@ def _decode(decoder: msgspec.json.Decoder, body: bytes):  # type: ignore[no-unty
         raise _bad(f"invalid request: {exc}") from None
     except msgspec.DecodeError as exc:
         raise _bad(f"request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        # msgspec lets invalid UTF-8 inside a string through as this (found by fuzzing).
+        raise _bad("request body is not valid UTF-8") from None
 
 
 def decode_messages(body: bytes) -> MessagesEnvelope:

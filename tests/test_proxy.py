@@ -178,6 +178,7 @@ BAD_BODIES = [
     (b'{"model": "", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}', "empty model"),
     (b'{"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream a string"),
     (b"\xff\xfe\x00garbage", "not UTF-8"),
+    (b'{"model": "m\x80", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}', "invalid UTF-8 inside a string"),
 ]
 
 

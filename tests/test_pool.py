@@ -1,0 +1,128 @@
+"""The upstream connection pool against real sockets: reuse, staleness, framing."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from proxy.upstream import pool as pool_module
+from proxy.upstream.base import UpstreamError
+from proxy.upstream.pool import ConnectionPool
+
+from .harness import body, running_mock
+
+
+async def _collect(resp) -> bytes:  # type: ignore[no-untyped-def]
+    return b"".join([c async for c in resp.aiter()])
+
+
+async def test_connections_are_reused_for_sequential_requests() -> None:
+    async with running_mock() as (mock, url):
+        pool = ConnectionPool(url, connect_timeout=5, keepalive_expiry=50)
+        for _ in range(5):
+            resp = await pool.request(b"POST", b"/v1/messages", [(b"x-api-key", b"k")], body())
+            assert resp.status == 200
+            assert (await _collect(resp)).startswith(b'{"id":"msg_mock_')
+            pool.release(resp)
+        assert pool.opened == 1 and mock.connections == 1
+        await pool.aclose()
+
+
+async def test_abandoned_response_closes_its_connection() -> None:
+    async with running_mock() as (mock, url):
+        pool = ConnectionPool(url, connect_timeout=5, keepalive_expiry=50)
+        resp = await pool.request(b"POST", b"/v1/messages", [(b"x-mock-fault", b"hang_after=2")], body(stream=True))
+        async for _ in resp.aiter():
+            break  # the client gave up mid-stream
+        pool.release(resp)
+        assert pool.idle == 0  # mid-message: never back in the pool
+        with trio.fail_after(5):
+            await mock.wait_disconnect(1)
+
+
+async def _closing_server(accepted: list[int], task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Answers one request per connection, keep-alive promised, then closes at once."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        accepted.append(1)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return
+            data += chunk
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handler, listeners)
+
+
+async def test_idle_connection_closed_by_upstream_is_detected_before_reuse() -> None:
+    accepted: list[int] = []
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(_closing_server, accepted)
+        pool = ConnectionPool(f"http://127.0.0.1:{port}", connect_timeout=5, keepalive_expiry=50)
+        for _ in range(3):
+            resp = await pool.request(b"GET", b"/", [], b"")
+            assert await _collect(resp) == b"ok"
+            pool.release(resp)
+            await trio.sleep(0.05)  # let the server's close land
+        assert len(accepted) == 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_stale_connection_is_retried_once_on_a_fresh_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The close races the readability check: the request goes out on a dead
+    # connection, sees no response byte, and is sent once more, fresh.
+    monkeypatch.setattr(pool_module, "_readable", lambda sock: False)
+    accepted: list[int] = []
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(_closing_server, accepted)
+        pool = ConnectionPool(f"http://127.0.0.1:{port}", connect_timeout=5, keepalive_expiry=50)
+        resp = await pool.request(b"GET", b"/", [], b"")
+        assert await _collect(resp) == b"ok"
+        pool.release(resp)
+        await trio.sleep(0.05)
+        resp = await pool.request(b"GET", b"/", [], b"")  # the pooled one is dead by now
+        assert await _collect(resp) == b"ok"
+        assert len(accepted) == 2 and pool.opened == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_refused_connection_is_a_connect_error() -> None:
+    sock = trio.socket.socket()
+    await sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    pool = ConnectionPool(f"http://127.0.0.1:{port}", connect_timeout=5, keepalive_expiry=50)
+    with pytest.raises(UpstreamError) as info:
+        await pool.request(b"GET", b"/", [], b"")
+    assert info.value.kind == "connect"
+
+
+async def test_garbage_instead_of_http_is_a_protocol_error() -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        nursery.start_soon(trio.serve_listeners, handler, listeners)
+        port = listeners[0].socket.getsockname()[1]
+        pool = ConnectionPool(f"http://127.0.0.1:{port}", connect_timeout=5, keepalive_expiry=50)
+        with pytest.raises(UpstreamError) as info:
+            await pool.request(b"GET", b"/", [], b"")
+        assert info.value.kind in ("protocol", "reset")
+        nursery.cancel_scope.cancel()
+
+
+async def test_base_path_of_the_url_prefixes_every_request() -> None:
+    async with running_mock() as (mock, url):
+        pool = ConnectionPool(url + "/v1/", connect_timeout=5, keepalive_expiry=50)
+        resp = await pool.request(b"GET", b"/models?limit=2", [], b"")
+        await _collect(resp)
+        assert mock.requests[-1].path == "/v1/models" and mock.requests[-1].query == "limit=2"
+        assert mock.requests[-1].header(b"host") == url.split("//")[1].encode()

@@ -1,0 +1,143 @@
+"""Settings validation, the CLI's refusals, and draining a real `weir serve` process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from proxy.cli import main
+from proxy.settings import SettingsError, check_exposure, load_settings, settings_from_dict
+from proxy.sse import SSEParser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_toml_and_env_build_one_settings_object(tmp_path: Path) -> None:
+    cfg = tmp_path / "weir.toml"
+    cfg.write_text('[server]\nport = 9001\n[[upstreams]]\nname = "a"\nurl = "http://127.0.0.1:1"\napi_key_envs = ["MY_KEY"]\n')
+    s = load_settings(str(cfg), environ={"WEIR_SERVER__WORKERS": "3", "WEIR_DEADLINES__TOTAL_S": "12.5"})
+    assert (s.server.port, s.server.workers, s.deadlines.total_s) == (9001, 3, 12.5)
+    assert s.upstreams[0].keys({"MY_KEY": "secret"}) == ["secret"]
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "named"),
+    [
+        ("[server]\nprot = 1\n", {}, "prot"),
+        ("[sever]\nport = 1\n", {}, "sever"),
+        ("[server]\nport = 'eighty'\n", {}, "port"),
+        ("", {"WEIR_SERVER__PROT": "1"}, "prot"),
+        ("", {"WEIR_BOGUS__X": "1"}, "bogus"),
+        ("[[routes]]\nmatch = '*'\ntargets = ['nowhere']\n", {}, "nowhere"),
+        ("[server]\nport = 1\n[[upstreams]]\nname='a'\nurl='ftp://x'\n", {}, "url"),
+    ],
+)
+def test_a_mistyped_key_stops_start_up_naming_it(tmp_path: Path, text: str, environ: dict, named: str) -> None:
+    cfg = tmp_path / "weir.toml"
+    cfg.write_text(text)
+    with pytest.raises(SettingsError) as info:
+        load_settings(str(cfg), environ=environ)
+    assert named in str(info.value)
+
+
+def test_invalid_toml_is_reported(tmp_path: Path) -> None:
+    cfg = tmp_path / "weir.toml"
+    cfg.write_text("[server\n")
+    with pytest.raises(SettingsError, match="not valid TOML"):
+        load_settings(str(cfg), environ={})
+
+
+def test_refuses_to_expose_an_upstream_key_without_client_keys() -> None:
+    s = settings_from_dict({"server": {"host": "0.0.0.0"}, "upstreams": [{"url": "https://api.anthropic.com", "api_keys": ["sk-x"]}]})
+    with pytest.raises(SettingsError, match="client keys"):
+        check_exposure(s, {})
+    loopback = settings_from_dict({"upstreams": [{"url": "https://api.anthropic.com", "api_keys": ["sk-x"]}]})
+    check_exposure(loopback, {})
+    guarded = settings_from_dict(
+        {"server": {"host": "0.0.0.0"}, "upstreams": [{"url": "https://api.anthropic.com", "api_keys": ["sk-x"]}], "auth": {"client_keys": [{"tenant": "t", "key": "k"}]}}
+    )
+    check_exposure(guarded, {})
+
+
+def test_cli_exits_with_a_message_on_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    os.environ["WEIR_TEST_SECRET_KEY"] = "sk-should-never-print"
+    try:
+        code = main(["serve", "--host", "0.0.0.0", "--upstream", "https://api.anthropic.com", "--upstream-key-env", "WEIR_TEST_SECRET_KEY"])
+    finally:
+        del os.environ["WEIR_TEST_SECRET_KEY"]
+    err = capsys.readouterr().err
+    assert code == 2 and "refusing to listen" in err
+    assert "sk-should-never-print" not in err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, limit: float = 20.0) -> None:
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        assert proc.poll() is None, "weir serve exited during start-up"
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("weir serve did not become ready")
+
+
+def test_sigterm_drains_in_flight_streams_then_exits(tmp_path: Path) -> None:
+    """One process, real signals: the whole quick-start path (built-in mock) too.
+
+    Real time is unavoidable here (a separate process and a signal), so the
+    timings are small and generous.
+    """
+    port = _free_port()
+    cfg = tmp_path / "weir.toml"
+    cfg.write_text("[server]\ndrain_s = 20\ndrain_notice_s = 0.6\naccess_log = false\n[cache]\nl2 = 'none'\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port), "--config", str(cfg)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc)
+        headers = {"x-api-key": "k", "x-mock-fault": "slow=60"}  # ~16 events, ~1 s
+        req = b'{"model":"m","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}'
+        with httpx.Client(base_url=url, timeout=30) as client:
+            with client.stream("POST", "/v1/messages", content=req, headers=headers) as stream:
+                chunks = stream.iter_raw()
+                got = [next(chunks)]  # the stream has begun
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.2)
+                with httpx.Client(base_url=url, timeout=5) as other:
+                    ready = other.get("/ready")
+                    assert ready.status_code == 503 and ready.json()["status"] == "draining"
+                    refused = other.post("/v1/messages", content=req.replace(b'"stream":true', b'"stream":false'), headers={"x-api-key": "k"})
+                    assert refused.status_code == 503 and refused.json()["error"]["type"] == "overloaded_error"
+                got.extend(chunks)
+        events = [e.event for e in SSEParser().feed(b"".join(got))]
+        assert events[0] == "message_start" and events[-1] == "message_stop"  # finished, not cut
+        time.sleep(0.6)  # past the notice period the listeners are closed
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health", timeout=2)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert "built-in mock upstream" in err.splitlines()[0]  # says so in its first log line
+    assert "draining" in err
