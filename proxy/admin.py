@@ -64,6 +64,28 @@ def build_admin(weir: Weir) -> QuartTrio:
             ],
         }
 
+    @app.get("/admin/cache")
+    async def cache_stats() -> Any:
+        if weir.cache is None:
+            return _json_error(503, "api_error", "the cache is not running")
+        return await weir.cache.stats()
+
+    @app.post("/admin/cache/purge")
+    async def cache_purge() -> Any:
+        """All entries, or one tenant's with ``?tenant=<tenant id>``. A purge
+        that could not reach L2 is a 503: an operator must not believe stale
+        entries are gone when they are not."""
+        from cache import L2Unavailable
+
+        if weir.cache is None:
+            return _json_error(503, "api_error", "the cache is not running")
+        tenant = request.args.get("tenant") or None
+        try:
+            purged = await weir.cache.purge(tenant)
+        except L2Unavailable as exc:
+            return _json_error(503, "api_error", f"the shared cache (L2) could not be purged: {exc}")
+        return {"purged": purged, "tenant": tenant}
+
     @app.after_request
     async def tag(response: Response) -> Response:
         response.headers["x-request-id"] = request_id({b"x-request-id": request.headers.get("x-request-id", "").encode()})

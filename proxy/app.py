@@ -21,6 +21,7 @@ from typing import Any
 import trio
 
 from .auth import Authenticator, Identity
+from .caching import CacheStage, serve_cache
 from .envelope import decode_count_tokens, decode_messages
 from .errors import ProxyError
 from .headers import request_id, upstream_request_headers
@@ -32,9 +33,12 @@ from .relay import (
     relay_response,
     send_error,
 )
+from .ratelimit import LocalRateLimiter, RedisRateLimiter, serve_ratelimiter
 from .router import Router
+from .usage import estimate_input_tokens
 from .settings import Settings
 from .upstream import Target, UpstreamError, UpstreamRequest
+from .upstream.adapters import decode_chat, estimate_input_tokens, openai_error_send
 
 __all__ = ["Weir", "build_app"]
 
@@ -63,11 +67,15 @@ class Weir:
         self._idle = trio.Event()
         self._idle.set()
         self._nursery: trio.Nursery | None = None
+        self.ratelimiter: LocalRateLimiter | RedisRateLimiter | None = None
+        self.limited: dict[str, int] = {}  # tenant → requests refused by the rate limiter
+        self.cache: CacheStage | None = None  # built in startup(), after the router
         # path → method → handler. A dict lookup is the whole router.
         self.routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
             "/v1/messages": {"POST": self.messages},
             "/v1/messages/count_tokens": {"POST": self.count_tokens},
             "/v1/models": {"GET": self.passthrough},
+            "/v1/chat/completions": {"POST": self.chat_completions},
         }
         from .admin import build_admin
 
@@ -159,7 +167,37 @@ class Weir:
             return
         ex.model = env.model
         ex.stream = env.stream
-        await self._forward(scope, receive, send, headers, ex, body, ident)
+        if self.ratelimiter is None:
+            await self._forward(scope, receive, send, headers, ex, body, ident)
+        else:
+            await self._forward_limited(scope, receive, send, headers, ex, body, ident)
+
+    async def _forward_limited(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange, body: bytes, ident: Identity) -> None:
+        """Admit against the tenant's budget on an estimate; settle on the real usage.
+
+        Tokens are the upstream's: settled with the usage of the reply relayed
+        from an upstream call; a reply served whole from the cache, or a
+        failed call, refunds the estimate.
+        """
+        limiter = self.ratelimiter
+        assert limiter is not None
+        est = estimate_input_tokens(body)
+        decision = await limiter.admit(ident.tenant, est)
+        ex.extra_headers.extend(decision.headers())
+        ex.own_ratelimit = not decision.degraded
+        if not decision.allowed:
+            self.limited[ident.tenant] = self.limited.get(ident.tenant, 0) + 1
+            ex.outcome = "rate_limited"
+            await send_error(send, ex, ProxyError(429, f"rate limit exceeded for tenant {ident.tenant}; retry after {decision.retry_after:.1f}s", "rate_limit_error"))
+            return
+        ex.metered = True
+        try:
+            await self._forward(scope, receive, send, headers, ex, body, ident)
+        finally:
+            actual = ex.meter.tokens if ex.meter is not None else 0
+            with trio.move_on_after(1) as cs:  # settle even when the client left
+                cs.shield = True
+                await limiter.settle(ident.tenant, est, actual)
 
     async def count_tokens(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange) -> None:
         try:
@@ -167,10 +205,33 @@ class Weir:
             ex.tenant = ident.tenant
             body = await self._read_body(receive, headers)
             env = decode_count_tokens(body)
+            ex.model = env.model
+            lane, _ = self.router.resolve(env.model)[0]
+            if lane.target.kind == "openai":
+                # OpenAI-compatible servers have no token counter: estimate locally.
+                counted = b'{"input_tokens":%d}' % estimate_input_tokens(body)
+                ex.status = 200
+                await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(counted)).encode()), (b"x-weir-token-count", b"estimate"), *ex.weir_headers()]})
+                await send({"type": "http.response.body", "body": counted})
+                return
+        except ProxyError as err:
+            await send_error(send, ex, err)
+            return
+        await self._forward(scope, receive, send, headers, ex, body, ident)
+
+    async def chat_completions(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange) -> None:
+        """OpenAI clients, to either kind of upstream; every error in OpenAI's shape."""
+        send = openai_error_send(send)
+        try:
+            ident = self.auth.identify(headers)
+            ex.tenant = ident.tenant
+            body = await self._read_body(receive, headers)
+            env = decode_chat(body)
         except ProxyError as err:
             await send_error(send, ex, err)
             return
         ex.model = env.model
+        ex.stream = env.stream
         await self._forward(scope, receive, send, headers, ex, body, ident)
 
     async def passthrough(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange) -> None:
@@ -235,6 +296,7 @@ class Weir:
             body=body,
             stream=ex.stream,
             model=ex.model,
+            priority=headers.get(b"x-weir-priority", b"interactive").decode("latin-1"),
         )
         d = self.settings.deadlines
         deadlines = Deadlines(total=trio.current_time() + d.total_s, first_byte_s=d.first_byte_s, idle_s=d.idle_s)
@@ -249,20 +311,34 @@ class Weir:
 
     async def _respond(self, send: Send, ex: Exchange, req: UpstreamRequest, headers: dict[bytes, bytes], ident: Identity, deadlines: Deadlines) -> None:
         """cache → coalesce → route → upstream → respond."""
-        await self._exchange(send, ex, req, ident, deadlines)
+        if self.cache is None:
+            await self._exchange(send, ex, req, ident, deadlines)
+            return
+        await self.cache.respond(send, ex, req, headers, ident, deadlines, self._exchange)
 
-    async def _exchange(self, send: Send, ex: Exchange, req: UpstreamRequest, ident: Identity, deadlines: Deadlines) -> None:
-        """One request relayed straight from its upstream call."""
+    async def _exchange(
+        self,
+        send: Send,
+        ex: Exchange,
+        req: UpstreamRequest,
+        ident: Identity,
+        deadlines: Deadlines,
+        *,
+        opener: Callable[..., Any] | None = None,
+        tee: Callable[[bytes], None] | None = None,
+    ) -> None:
+        """One request relayed from its upstream call — or, with ``opener``
+        (the coalescer's), from a call it shares; ``tee`` sees each chunk."""
         first = trio.current_time() + deadlines.first_byte_s
         with trio.CancelScope(deadline=min(first, deadlines.total)) as scope:
             t_up = time.perf_counter()
             try:
-                async with self.router.open(req, ident=ident, ex=ex, deadlines=deadlines) as resp:
+                async with (opener or self.router.open)(req, ident=ident, ex=ex, deadlines=deadlines) as resp:
                     ex.upstream_s = time.perf_counter() - t_up
                     if resp.status >= 400:
                         await relay_error_response(send, ex, resp)
                         return
-                    await relay_response(send, ex, resp, scope, deadlines)
+                    await relay_response(send, ex, resp, scope, deadlines, tee=tee)
             except ProxyError as err:
                 if not ex.head_sent:
                     await send_error(send, ex, err)
@@ -341,6 +417,11 @@ class Weir:
         for u in upstreams:
             self.targets.append(Target(u, url=u.url, keys=u.keys(self.environ), deadlines=self.settings.deadlines))
         self.router = Router(self.settings, self.targets)
+        self.ratelimiter = await nursery.start(serve_ratelimiter, self.settings.ratelimit)
+        # The cache stage owns its L2 connection and background work from a
+        # task in this nursery (see proxy.caching.serve_cache); it closes when
+        # the lifespan ends. The lambda looks the router up per call.
+        self.cache = await nursery.start(serve_cache, self.settings.cache, lambda *a, **kw: self.router.open(*a, **kw))
         self.started = True
 
     async def shutdown(self) -> None:

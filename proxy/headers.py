@@ -54,7 +54,14 @@ def upstream_request_headers(
     return out
 
 
-def client_response_headers(upstream_headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def client_response_headers(upstream_headers: list[tuple[bytes, bytes]], *, drop_ratelimit: bool = False) -> list[tuple[bytes, bytes]]:
+    """Upstream response headers for the client.
+
+    With Weir's own rate limits on, the upstream's ``anthropic-ratelimit-*``
+    describe Weir's key, not the client's budget: Weir reports its own instead.
+    """
+    if drop_ratelimit:
+        return [(n, v) for n, v in upstream_headers if n not in HOP_BY_HOP and not n.startswith(b"anthropic-ratelimit-")]
     return [(n, v) for n, v in upstream_headers if n not in HOP_BY_HOP]
 
 

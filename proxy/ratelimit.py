@@ -23,13 +23,15 @@ import logging
 import math
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import cachetools
 import coredis
 import coredis.exceptions
 import msgspec
 import trio
+
+from .settings import RateLimitSettings
 
 __all__ = ["Decision", "Limits", "LocalRateLimiter", "RedisRateLimiter", "TokenBucket"]
 
@@ -397,3 +399,26 @@ class RedisRateLimiter:
         limits = self.limits_for(tenant)
         if limits.tokens_per_minute and actual_tokens != est_tokens:
             await self._call(tenant, "adjust", limits, actual_tokens - est_tokens)
+
+
+async def serve_ratelimiter(settings: RateLimitSettings, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    """Own the app's rate limiter for the lifespan: None when no limit is set.
+
+    Runs as a task in the lifespan nursery so the Redis client (a context
+    manager in coredis 6) is opened and closed by its owner.
+    """
+    import time
+
+    default = Limits(settings.requests_per_minute, settings.tokens_per_minute)
+    per_tenant = {
+        tenant: Limits(v.get("requests_per_minute", default.requests_per_minute), v.get("tokens_per_minute", default.tokens_per_minute))
+        for tenant, v in settings.tenants.items()
+    }
+    if not any(l.requests_per_minute or l.tokens_per_minute for l in [default, *per_tenant.values()]):
+        task_status.started(None)
+        return
+    if settings.redis_url:
+        async with RedisRateLimiter.connect(settings.redis_url, per_tenant, default=default, wall_clock=time.time) as limiter:
+            task_status.started(limiter)
+            await trio.sleep_forever()
+    task_status.started(LocalRateLimiter(per_tenant, default=default, clock=trio.current_time, wall_clock=time.time))

@@ -26,6 +26,7 @@ import trio
 from .errors import ProxyError, error_body, error_event, type_for_status
 from .headers import client_response_headers
 from .upstream.base import UpstreamError, UpstreamResponse
+from .usage import UsageMeter
 
 __all__ = ["Exchange", "Deadlines", "send_error", "relay_response", "upstream_failure"]
 
@@ -69,6 +70,11 @@ class Exchange:
     error: str = ""
     outcome: str = ""
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # Set by the rate limiter: read the reply's usage to settle the estimate,
+    # and report Weir's anthropic-ratelimit-* headers instead of the upstream's.
+    metered: bool = False
+    meter: UsageMeter | None = None
+    own_ratelimit: bool = False
 
     def weir_headers(self) -> list[tuple[bytes, bytes]]:
         overhead_ms = (time.perf_counter() - self.started - self.upstream_s) * 1000.0
@@ -121,7 +127,7 @@ def is_anthropic_error(body: bytes) -> bool:
 async def relay_error_response(send: Send, ex: Exchange, resp: UpstreamResponse) -> None:
     """An upstream error: Anthropic-shaped bodies pass through, others are wrapped."""
     body = await resp.read(_ERROR_BODY_LIMIT)
-    headers = client_response_headers(resp.headers)
+    headers = client_response_headers(resp.headers, drop_ratelimit=ex.own_ratelimit)
     if not is_anthropic_error(body):
         snippet = body[:200].decode("utf-8", "replace").strip()
         body = error_body(type_for_status(resp.status), f"upstream returned HTTP {resp.status}: {snippet}" if snippet else f"upstream returned HTTP {resp.status}")
@@ -156,9 +162,12 @@ async def relay_response(
         if name == b"content-type" and value[:17] == _CT_EVENT_STREAM:
             ex.is_sse = True
             break
-    headers = client_response_headers(resp.headers)
+    headers = client_response_headers(resp.headers, drop_ratelimit=ex.own_ratelimit)
     await send({"type": "http.response.start", "status": resp.status, "headers": headers + ex.weir_headers()})
     ex.head_sent = True
+    meter = None
+    if ex.metered:
+        meter = ex.meter = UsageMeter(ex.is_sse)
     idle = deadlines.idle_s
     total = deadlines.total
     now = trio.current_time
@@ -170,6 +179,8 @@ async def relay_response(
                 continue
             if tee is not None:
                 tee(chunk)
+            if meter is not None:
+                meter.feed(chunk)
             ex.bytes_out += len(chunk)
             ex.tail = chunk
             await send({"type": "http.response.body", "body": chunk, "more_body": True})

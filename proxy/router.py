@@ -1,27 +1,194 @@
-"""route: a requested model → the target that serves it.
+"""route: a requested model → an ordered chain of targets, tried until one answers.
 
-This first version sends everything to the first upstream; model routes,
-fallback chains, key pools, breakers, retries and the per-target scheduler
-grow here, behind the same ``open`` interface.
+Per target (a ``Lane``): a circuit breaker, a key pool and the fair
+scheduler. For each target of the chain, in order:
+
+1. breaker open → skip it at once, without connecting;
+2. every key cooling (429) or disabled (401/403) → remember why, move on;
+3. wait for a scheduler slot (the only queue in front of the HTTP client:
+   ARCHITECTURE.md measured httpx collapsing with waiters of its own);
+4. send through the adapter (``proxy.upstream.adapters``) and classify what
+   came back: connect error, timeout, reset before the head, or a status;
+5. tell the breaker and the key pool (the pool on every response, successes
+   included, so it learns each key's remaining capacity), then ask the one
+   retry policy (``proxy.retry``): retry here after a jittered delay, fail
+   over to the next target, or hand the upstream's answer to the client.
+
+A 429 in passthrough mode (the client's own key) is relayed at once, not
+slept on: the client's SDK honours its retry-after, and two layers waiting
+in turn would double the wait. A 429 on one key while another key of the same pool has capacity is retried
+at once on that other key: it says the key is spent, not the target, so
+sleeping its retry-after would only delay a request that can go now. A
+refused connection fails over at once when another target exists: it is a
+certain, instant signal, and retrying the same closed port only adds the
+backoff to the failover time.
+
+Nothing is retried once the response head is yielded: from then on the bytes
+belong to the client. Every breaker permit, key lease and scheduler slot ends
+in a ``finally`` (or in the exit stack handed to the caller with the
+response), so a cancelled request gives all of them back.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import fnmatch
+import math
+import random as _random
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import trio
 
 from .auth import Identity
-from .relay import Deadlines, Exchange, upstream_failure
+from .breaker import BreakerConfig, CircuitBreaker
+from .errors import ProxyError
+from .keypool import KeyPool, Lease
+from .relay import Deadlines, Exchange, is_anthropic_error, upstream_failure
+from .retry import Decision, GiveUp, Outcome, RetryConfig, RetryPolicy, retry_after_from_headers
+from .scheduler import FifoSemaphoreScheduler, Overloaded, Scheduler
 from .settings import Settings
 from .upstream import Target, UpstreamError, UpstreamRequest, UpstreamResponse
+from .upstream.adapters import Leg, prepare, wrap
 
-__all__ = ["Router"]
+__all__ = ["Router", "Lane"]
+
+_PRIORITIES = ("interactive", "batch")  # highest first, as the scheduler orders them
+_GLOB = frozenset("*?[")
+# Error bodies read to build the final answer after a failover; a real one is < 1 KiB.
+_ERROR_LIMIT = 64 * 1024
+
+# How much a failure explains the final answer when every target failed,
+# most telling first: an upstream's own error response, then "your keys are
+# cooling" (429 + when to come back), shed (529), unreachable (502/504),
+# every key disabled (503), and last "we skipped it: its breaker is open".
+_RANK_RESPONSE, _RANK_COOLING, _RANK_SHED, _RANK_UNREACHABLE, _RANK_DISABLED, _RANK_BREAKER = range(6)
+
+
+class Lane:
+    """One target and the state Weir keeps about it."""
+
+    def __init__(self, target: Target, *, breaker: CircuitBreaker, keys: KeyPool | None, scheduler: Scheduler | FifoSemaphoreScheduler) -> None:
+        self.target = target
+        self.name = target.name
+        self.breaker = breaker
+        self.keys = keys
+        self.scheduler = scheduler
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        stats = self.scheduler.stats()
+        if not isinstance(stats, dict):
+            import msgspec
+
+            stats = msgspec.to_builtins(stats)
+        return {
+            "name": self.name,
+            "kind": self.target.kind,
+            "url": self.target.url,
+            "model": self.target.settings.model,
+            "max_connections": self.target.settings.max_connections,
+            "breaker": self.breaker.snapshot(now),
+            "keys": self.keys.snapshot(now) if self.keys is not None else [],
+            "scheduler": stats,
+        }
+
+
+class _Failures:
+    """The most telling failure so far, for the answer when every target failed."""
+
+    def __init__(self) -> None:
+        self.rank = math.inf
+        self.error: ProxyError | None = None
+        self.cooling_s: float | None = None
+
+    def note(self, rank: int, error: ProxyError) -> None:
+        if rank <= self.rank:
+            self.rank, self.error = rank, error
+
+    def note_cooling(self, lane: str, seconds: float) -> None:
+        if self.cooling_s is None or seconds < self.cooling_s:
+            self.cooling_s = seconds
+        wait = str(max(1, math.ceil(self.cooling_s))).encode()
+        self.note(
+            _RANK_COOLING,
+            ProxyError(429, f"every key of {lane} is rate limited; retry in {self.cooling_s:.1f} s", "rate_limit_error", [(b"retry-after", wait)]),
+        )
+
+    def final(self) -> ProxyError:
+        if self.error is None:
+            return ProxyError(502, "no upstream target could take the request", "api_error")
+        return self.error
 
 
 class Router:
-    def __init__(self, settings: Settings, targets: list[Target]) -> None:
+    def __init__(self, settings: Settings, targets: list[Target], *, random: Callable[[], float] = _random.random) -> None:
         self.settings = settings
         self.targets = targets
+        b = settings.breaker
+        breaker_config = BreakerConfig(
+            failure_threshold=b.failure_threshold,
+            failure_ratio=b.failure_ratio,
+            min_requests=b.min_requests,
+            window_s=b.window_s,
+            open_s=b.open_s,
+            half_open_probes=b.half_open_probes,
+            success_threshold=b.success_threshold,
+        )
+        r = settings.retry
+        self.retry = RetryPolicy(
+            RetryConfig(max_attempts=r.max_attempts, base_s=r.base_s, cap_s=r.cap_s, max_retry_after_s=r.max_retry_after_s),
+            random=random,
+        )
+        s = settings.scheduler
+        # A client key's weight applies unless scheduler.weights names its tenant.
+        weights = {ck.tenant: ck.weight for ck in settings.auth.client_keys}
+        weights.update(s.weights)
+        self.lanes: list[Lane] = []
+        for t in targets:
+            n = t.settings.max_connections
+            if s.policy == "fifo":
+                sched: Scheduler | FifoSemaphoreScheduler = FifoSemaphoreScheduler(capacity=n, max_queue=s.max_queue)
+            else:
+                sched = Scheduler(
+                    capacity=n,
+                    max_queue=s.max_queue,
+                    weights=weights,
+                    starvation_limit=s.starvation_limit,
+                    max_queue_per_tenant=s.max_queue_per_tenant or None,
+                )
+            keys = KeyPool(t.keys, name=t.name) if t.keys else None
+            self.lanes.append(Lane(t, breaker=CircuitBreaker(breaker_config), keys=keys, scheduler=sched))
+        self._by_name = {lane.name: lane for lane in self.lanes}
+
+    # ------------------------------------------------------------ routing
+
+    def lane(self, name: str) -> Lane | None:
+        return self._by_name.get(name)
+
+    def resolve(self, model: str) -> list[tuple[Lane, str]]:
+        """The ordered chain for ``model``: (lane, model name to send, "" = the client's)."""
+        for route in self.settings.routes:
+            m = route.match
+            if (fnmatch.fnmatchcase(model, m) if _GLOB.intersection(m) else model == m):
+                chain = []
+                for entry in route.targets:
+                    name, _, override = entry.partition(":")
+                    lane = self._by_name.get(name)
+                    if lane is None and len(self.lanes) == 1 and name == "mock":
+                        lane = self.lanes[0]
+                    if lane is not None:
+                        chain.append((lane, override or lane.target.settings.model))
+                if chain:
+                    return chain
+        first = self.lanes[0]
+        return [(first, first.target.settings.model)]
+
+    def usable(self, now: float) -> bool:
+        """False when every target's breaker is open: /ready says 503."""
+        return any(lane.breaker.state(now).value != "open" for lane in self.lanes)
+
+    # ------------------------------------------------------------ the call
 
     @asynccontextmanager
     async def open(self, req: UpstreamRequest, *, ident: Identity, ex: Exchange, deadlines: Deadlines) -> AsyncIterator[UpstreamResponse]:
@@ -30,13 +197,157 @@ class Router:
         Raises ``ProxyError`` when no target could produce a response head.
         Runs inside the caller's deadline scope.
         """
-        target = self.targets[0]
-        ex.target = target.name
-        credentials = [] if ident.passthrough or not target.keys else target.credentials(target.keys[0])
-        try:
-            async with target.open(req, credentials=credentials) as resp:
-                yield resp
-        except UpstreamError as exc:
-            if ex.head_sent:
-                raise
-            raise upstream_failure(exc, target.name) from None
+        async with AsyncExitStack() as held:
+            resp = await self._acquire(req, ident, ex, deadlines, held)
+            yield resp
+
+    async def _acquire(self, req: UpstreamRequest, ident: Identity, ex: Exchange, deadlines: Deadlines, held: AsyncExitStack) -> UpstreamResponse:
+        head_deadline = min(trio.current_time() + deadlines.first_byte_s, deadlines.total)
+        chain = self.resolve(req.model)
+        failures = _Failures()
+        for i, (lane, model) in enumerate(chain):
+            resp = await self._try_lane(lane, model, req, ident, ex, head_deadline, held, failures, last=i == len(chain) - 1)
+            if resp is not None:
+                return resp
+        raise failures.final()
+
+    async def _try_lane(
+        self,
+        lane: Lane,
+        model: str,
+        req: UpstreamRequest,
+        ident: Identity,
+        ex: Exchange,
+        head_deadline: float,
+        held: AsyncExitStack,
+        failures: _Failures,
+        *,
+        last: bool,
+    ) -> UpstreamResponse | None:
+        """One target: its attempts and retries. None means "try the next target"."""
+        label = f"{lane.name}:{model}" if model else lane.name
+        leg = prepare(req, kind=lane.target.kind, model=model)  # ProxyError(400): no target can help
+        pool = None if ident.passthrough else lane.keys
+        priority = req.priority if req.priority in _PRIORITIES else "interactive"
+        attempt = 0
+        key_switches = 0
+        while True:
+            now = trio.current_time()
+            permit = lane.breaker.allow(now)
+            if permit is None:
+                snap = lane.breaker.snapshot(now)
+                wait = max(1, math.ceil((snap["next_probe_at"] or now) - now))  # type: ignore[operator]
+                failures.note(_RANK_BREAKER, ProxyError(503, f"upstream {lane.name} is failing; its circuit breaker is open", "api_error", [(b"retry-after", str(wait).encode())]))
+                return None
+            lease: Lease | None = None
+            delay = 0.0
+            try:
+                credentials: list[tuple[bytes, bytes]] = []
+                if pool is not None:
+                    lease = pool.pick(now)
+                    if lease is None:
+                        soonest = pool.soonest_available(now)
+                        if soonest is None:
+                            failures.note(_RANK_DISABLED, ProxyError(503, f"every API key of upstream {lane.name} is disabled", "api_error"))
+                        else:
+                            failures.note_cooling(lane.name, soonest)
+                        return None
+                    credentials = lane.target.credentials(lease.secret)
+                async with AsyncExitStack() as stack:
+                    try:
+                        await stack.enter_async_context(lane.scheduler.slot(tenant=ident.tenant, priority=priority, deadline=head_deadline))
+                    except Overloaded as exc:
+                        failures.note(_RANK_SHED, exc)
+                        return None
+                    ex.target = label
+                    error: UpstreamError | None = None
+                    resp: UpstreamResponse | None = None
+                    with trio.CancelScope(deadline=head_deadline) as attempt_scope:
+                        try:
+                            raw = await stack.enter_async_context(lane.target.open(leg.request, credentials=credentials))
+                            resp = await wrap(leg, raw)
+                        except UpstreamError as exc:
+                            error = exc
+                    now = trio.current_time()
+                    if attempt_scope.cancelled_caught:
+                        # The head did not come in time: the target's fault; no time is left to retry.
+                        lane.breaker.record(permit, False, now)
+                        permit = None
+                        raise ProxyError(504, f"upstream {label} did not answer within the first-byte deadline", "timeout_error")
+                    if error is not None or resp is None:
+                        assert error is not None
+                        lane.breaker.record(permit, False, now)
+                        permit = None
+                        kind = error.kind if error.kind in ("connect", "timeout", "reset") else "reset"
+                        outcome = Outcome(kind)  # type: ignore[arg-type]
+                        failures.note(_RANK_UNREACHABLE, upstream_failure(error, label))
+                        if kind == "connect" and not last:
+                            return None
+                    else:
+                        status = resp.status
+                        headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in resp.headers}
+                        if lease is not None:
+                            pool.observe(lease, status, headers, now, wallclock=time.time())  # type: ignore[union-attr]
+                        # 5xx and 529 blame the target; 4xx (429 included) blame the request or a key.
+                        lane.breaker.record(permit, status < 500, now)
+                        permit = None
+                        if status < 400:
+                            return await self._deliver(ex, label, resp, stack, held)
+                        if status == 429 and pool is not None and key_switches < len(pool.key_ids) - 1 and pool.soonest_available(now) == 0.0:
+                            key_switches += 1  # another key has capacity: use it now
+                            continue
+                        should = headers.get("x-should-retry")
+                        outcome = Outcome(
+                            "status",
+                            status,
+                            retry_after_from_headers(headers, time.time()),
+                            None if should is None else should.lower() == "true",
+                        )
+                        if status == 429 and pool is None:
+                            # The client's own key is spent: its SDK honours retry-after
+                            # itself, and waiting here too would stack the two waits.
+                            decision: Decision = GiveUp("not_retryable", failover=True)
+                        else:
+                            decision = self.retry.decide(attempt=attempt, outcome=outcome, now=now, deadline=head_deadline, first_byte_sent=ex.head_sent)
+                        if isinstance(decision, GiveUp) and (not decision.failover or last):
+                            return await self._deliver(ex, label, resp, stack, held)
+                        if isinstance(decision, GiveUp):
+                            failures.note(_RANK_RESPONSE, await _error_of(resp))
+                            return None
+                        delay = decision.delay_s
+                        attempt += 1
+                    if error is not None:
+                        decision = self.retry.decide(attempt=attempt, outcome=outcome, now=now, deadline=head_deadline, first_byte_sent=ex.head_sent)
+                        if isinstance(decision, GiveUp):
+                            return None
+                        delay = decision.delay_s
+                        attempt += 1
+            finally:
+                now = trio.current_time()
+                if permit is not None:
+                    lane.breaker.release(permit, now)
+                if lease is not None and pool is not None:
+                    pool.release(lease)
+            # The slot is free and the response closed before we sleep.
+            if delay > 0:
+                await trio.sleep(delay)
+
+    async def _deliver(self, ex: Exchange, label: str, resp: UpstreamResponse, stack: AsyncExitStack, held: AsyncExitStack) -> UpstreamResponse:
+        """Hand the response — and the slot and connection it holds — to the caller."""
+        ex.target = label
+        ex.extra_headers.append((b"x-weir-target", label.encode()))
+        await held.enter_async_context(stack.pop_all())
+        return resp
+
+
+async def _error_of(resp: UpstreamResponse) -> ProxyError:
+    """An upstream error response we will not relay (a later target may do better), kept as an answer."""
+    body = await resp.read(_ERROR_LIMIT)
+    headers = [(n, v) for n, v in resp.headers if n in (b"retry-after", b"retry-after-ms", b"request-id", b"x-request-id")]
+    if is_anthropic_error(body):
+        import json
+
+        err = json.loads(body)["error"]
+        return ProxyError(resp.status, err["message"], err["type"], headers)
+    snippet = body[:200].decode("utf-8", "replace").strip()
+    return ProxyError(resp.status, f"upstream returned HTTP {resp.status}: {snippet}" if snippet else f"upstream returned HTTP {resp.status}", None, headers)

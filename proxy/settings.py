@@ -197,6 +197,15 @@ class CacheSettings(_Base):
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Streams bigger than this are relayed but not cached.
     max_entry_bytes: int = 8 * MiB
+    # Cross-worker singleflight lease on a missed key (L2). Long enough to
+    # cover a typical generation (most replies finish well within a minute);
+    # if the holder takes longer or dies, waiters give up after this and call
+    # upstream themselves, so it also bounds the worst extra wait.
+    lease_s: float = 60.0
+    # How often a worker that lost the lease looks for the winner's entry:
+    # an SQLite read is ~50 us and a Redis GET ~100 us on loopback, so 50 ms
+    # costs L2 nothing and adds at most 50 ms to a multi-second reply.
+    lease_poll_s: float = 0.05
 
 
 class Settings(_Base):

@@ -11,7 +11,7 @@ __all__ = ["UpstreamRequest", "UpstreamResponse", "UpstreamError"]
 
 @dataclass(slots=True)
 class UpstreamRequest:
-    """An Anthropic-shaped request as the client sent it.
+    """A request as the client sent it, in the client's dialect (``api``).
 
     ``path`` is the API path (``/v1/messages``); ``query`` the raw query
     string (Claude Code sends ``beta=true``). ``headers`` are already filtered
@@ -27,6 +27,17 @@ class UpstreamRequest:
     model: str = ""
     # The client's own credentials (passthrough mode), forwarded as sent.
     client_credentials: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # The client's dialect: "anthropic" (Messages) or "openai" (chat
+    # completions). "" derives it from the path, so the one ingress that
+    # speaks OpenAI (/v1/chat/completions) needs no flag of its own.
+    api: str = ""
+    # Scheduler class from the client's x-weir-priority header; interactive
+    # unless a client marks itself batch (see proxy/scheduler.py).
+    priority: str = "interactive"
+
+    def __post_init__(self) -> None:
+        if not self.api:
+            self.api = "openai" if self.path == "/v1/chat/completions" else "anthropic"
 
 
 class UpstreamResponse(Protocol):

@@ -1,0 +1,461 @@
+"""cache: answer a repeated ``/v1/messages`` request from a stored reply.
+
+Policy (the whole of it lives here; ``cache/`` holds the mechanisms):
+
+- **What is cached.** ``POST /v1/messages`` only. By default
+  (``cache.mode = "deterministic"``) a request is cacheable when it sets
+  ``temperature: 0``, or opts in with ``x-weir-cache: on`` (the client accepts a
+  replayed sample). ``x-weir-cache: off`` bypasses the cache for that request.
+  ``cache.mode = "all"`` caches everything not opted out; ``"off"`` nothing.
+- **Cache-Control on the request.** ``no-cache``: do not answer from the
+  cache, but store the fresh reply. ``no-store``: do not store this reply.
+  ``max-age=N``: accept only an entry younger than N seconds, and store the
+  reply for at most N seconds.
+- **Never stored.** Error statuses; a stream that did not reach
+  ``message_stop`` or carried an ``error`` event (``stream_is_complete``); a
+  body that is not a complete message; anything over ``cache.max_entry_bytes``.
+- **The key** is ``cache.keys.cache_key`` over the tenant, the route, the
+  ``anthropic-version`` and ``anthropic-beta`` headers and the body minus
+  ``stream``/``metadata``/``user``. The tenant is inside the digest: one
+  tenant never receives another's entry. A streamed and a plain request
+  share an entry; a recorded stream answers a plain request
+  (``assemble_message``) and a recorded body a streamed one (``split_message``).
+- **Every** ``/v1/messages`` response carries ``x-weir-cache``: ``hit``
+  (from L1 or L2), ``miss`` (went upstream), ``coalesced`` (shared another
+  request's upstream call, in this worker or — through the L2 lease — another
+  one), or ``bypass`` (not cacheable).
+- **Stored** per entry: status, the headers worth replaying (content-type,
+  request-id, ``anthropic-*`` except ``anthropic-ratelimit-*``, which describe
+  the quota at the time and would mislead), the body or the raw SSE events in
+  order, and the usage. A hit is sent as one head and one body send.
+- **Coalescing** (``cache.coalesce``): concurrent misses for one key and one
+  delivery mode share one upstream call (``proxy/coalesce.py``). Across
+  workers and hosts, the flight's leader first claims a lease on the key in
+  L2; a worker that loses the claim polls L2 (``wait_filled``) every
+  ``lease_poll_s`` for the winner's entry, bounded by its own deadline and
+  the lease, and falls back to its own upstream call when the lease lapses
+  or is released without an entry.
+- **A sick L2** (down, slow, corrupt values) is a miss: requests are served
+  from upstream and L1; ``cache.tiered`` logs it at most every 30 s.
+
+Decoding a body costs time proportional to its size, so it is done only for
+a request that could be cacheable: the ``x-weir-cache`` header and the mode
+are checked first, then only ``temperature`` is read (msgspec skips the rest
+without building it); the full decode for the key happens after that.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import trio
+
+from cache import (
+    Entry,
+    L1Cache,
+    L2Backend,
+    L2Unavailable,
+    TieredCache,
+    assemble_message,
+    cache_key,
+    is_cacheable_request,
+    parse_cache_control,
+    split_message,
+    stream_is_complete,
+    tenant_tag,
+)
+
+from .auth import Identity
+from .coalesce import Coalescer, Flight
+from .errors import ProxyError
+from .relay import Deadlines, Exchange
+from .settings import CacheSettings
+from .sse import SSEParser
+from .upstream import UpstreamRequest, UpstreamResponse
+
+__all__ = ["CacheStage", "Lookup", "build_entry", "plan_lookup", "replay", "serve_cache"]
+
+log = logging.getLogger("weir.cache")
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+# Router.open's shape: (req, *, ident, ex, deadlines) -> async CM of UpstreamResponse.
+Opener = Callable[..., Any]
+
+CACHED_ROUTE = "/v1/messages"
+_HIT = (b"x-weir-cache", b"hit")
+_MISS = (b"x-weir-cache", b"miss")
+_COALESCED = (b"x-weir-cache", b"coalesced")
+_BYPASS = (b"x-weir-cache", b"bypass")
+_CT_JSON = b"application/json"
+_CT_SSE = b"text/event-stream; charset=utf-8"
+
+
+# --------------------------------------------------------------- sans-IO policy
+
+
+class _Temperature(msgspec.Struct):
+    # Any, not float: `"temperature": false` must reach is_cacheable_request
+    # as the bool it is (malformed, not zero).
+    temperature: Any = None
+
+
+_temperature = msgspec.json.Decoder(_Temperature)
+
+
+@dataclass(slots=True, frozen=True)
+class Lookup:
+    """What the cache may do for one request."""
+
+    key: str
+    read: bool  # answer from the cache (no ``no-cache``)
+    write: bool  # store the reply (no ``no-store``)
+    max_age: float | None  # accept only entries younger than this
+    ttl: float  # lifetime of a stored reply
+
+
+def plan_lookup(*, path: str, headers: Mapping[bytes, bytes], body: bytes, tenant: str, mode: str, default_ttl: float) -> Lookup | None:
+    """The cache decision for one request; ``None`` means bypass."""
+    if path != CACHED_ROUTE or mode == "off":
+        return None
+    opt = headers.get(b"x-weir-cache")
+    opt_s = opt.decode("latin-1") if opt is not None else None
+    if opt_s is not None and opt_s.strip().lower() == "off":
+        return None
+    probe: dict[str, Any] = {}
+    if mode != "all" and (opt_s or "").strip().lower() != "on":
+        try:
+            probe["temperature"] = _temperature.decode(body).temperature
+        except msgspec.DecodeError:
+            return None
+    if not is_cacheable_request(probe, opt_s, mode):
+        return None
+    try:
+        key = cache_key(
+            tenant=tenant,
+            route=path,
+            anthropic_version=headers.get(b"anthropic-version", b"").decode("latin-1"),
+            anthropic_beta=headers.get(b"anthropic-beta", b"").decode("latin-1"),
+            body=body,
+        )
+    except ValueError:
+        return None
+    cc_header = headers.get(b"cache-control")
+    if cc_header is None:
+        return Lookup(key, True, True, None, default_ttl)
+    cc = parse_cache_control(cc_header.decode("latin-1"))
+    ttl = default_ttl if cc.max_age is None else min(default_ttl, cc.max_age)
+    # max-age=0 means "nothing stored is fresh enough" and a zero-lived entry:
+    # do not store what nobody may read.
+    return Lookup(key, not cc.no_cache, not cc.no_store and ttl > 0, cc.max_age, ttl)
+
+
+def _replayable(name: bytes) -> bool:
+    return name == b"request-id" or (name[:10] == b"anthropic-" and name[:20] != b"anthropic-ratelimit-")
+
+
+def build_entry(
+    status: int, headers: list[tuple[bytes, bytes]], chunks: list[bytes], *, now: float, ttl: float, max_bytes: int, model: str = ""
+) -> Entry | None:
+    """The entry to store for a finished reply, or ``None`` when it must not
+    be cached (error, incomplete, too big, not a message)."""
+    if status != 200:
+        return None
+    if sum(len(c) for c in chunks) > max_bytes:
+        return None
+    content_type = b""
+    kept: list[tuple[str, str]] = []
+    for name, value in headers:
+        if name == b"content-type":
+            content_type = value
+        elif _replayable(name):
+            kept.append((name.decode("latin-1"), value.decode("latin-1")))
+    body: bytes | None = None
+    events: list[bytes] | None = None
+    try:
+        if content_type[:17] == b"text/event-stream":
+            parser = SSEParser()
+            events = [ev.raw for c in chunks for ev in parser.feed(c)]
+            if parser.pending.strip() or not stream_is_complete(events):
+                return None
+            message = msgspec.json.decode(assemble_message(events))
+        else:
+            body = b"".join(chunks)
+            message = msgspec.json.decode(body)
+    except (ValueError, KeyError, TypeError) as exc:  # msgspec.DecodeError and SSEError are ValueErrors
+        log.debug("cache: reply not stored: %s", exc)
+        return None
+    if not isinstance(message, dict) or message.get("type") != "message":
+        return None
+    usage = message.get("usage")
+    return Entry(
+        status=status, headers=kept, body=body, events=events,
+        usage=usage if isinstance(usage, dict) else None,
+        created_at=now, ttl=ttl, model=model or str(message.get("model", "")),
+    )
+
+
+def replay(entry: Entry, stream: bool) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """(status, headers, body) answering a request in the form it asked for."""
+    if stream:
+        body = b"".join(entry.events) if entry.events is not None else b"".join(split_message(entry.body or b""))
+        content_type = _CT_SSE
+    else:
+        body = entry.body if entry.body is not None else assemble_message(entry.events or [])
+        content_type = _CT_JSON
+    headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
+    headers += [(n.encode("latin-1"), v.encode("latin-1")) for n, v in entry.headers]
+    return entry.status, headers, body
+
+
+# --------------------------------------------------------------- trio shell
+
+
+class CacheStage:
+    """The cache and coalesce stages of the request pipeline."""
+
+    def __init__(
+        self,
+        settings: CacheSettings,
+        tiered: TieredCache,
+        *,
+        open_upstream: Opener,
+        nursery: trio.Nursery,
+        has_l2: bool,
+        # Wall clock: entries are stamped for other processes and hosts (L2).
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.tiered = tiered
+        self._open_upstream = open_upstream
+        self._has_l2 = has_l2
+        self._wall = wall_clock
+        self.coalescer = Coalescer(nursery) if settings.coalesce else None
+        self.counts = {"hits": 0, "misses": 0, "coalesced": 0, "bypass": 0, "stored": 0, "not_stored": 0, "lease_waits": 0, "lease_fills": 0}
+
+    # The `_exchange` callable the app passes in: it owns deadlines and relaying.
+    async def respond(
+        self,
+        send: Send,
+        ex: Exchange,
+        req: UpstreamRequest,
+        headers: dict[bytes, bytes],
+        ident: Identity,
+        deadlines: Deadlines,
+        exchange: Callable[..., Awaitable[None]],
+    ) -> None:
+        if req.path != CACHED_ROUTE:
+            await exchange(send, ex, req, ident, deadlines)
+            return
+        s = self.settings
+        lk = plan_lookup(path=req.path, headers=headers, body=req.body, tenant=ident.tenant, mode=s.mode, default_ttl=s.ttl_s)
+        if lk is None:
+            self.counts["bypass"] += 1
+            ex.extra_headers.append(_BYPASS)
+            await exchange(send, ex, req, ident, deadlines)
+            return
+        if lk.read:
+            found = await self.tiered.get(lk.key)
+            if found is not None and (lk.max_age is None or self._wall() - found[0].created_at <= lk.max_age):
+                self.counts["hits"] += 1
+                ex.extra_headers.append(_HIT)
+                await self._send_entry(send, ex, found[0])
+                return
+        if self.coalescer is not None:
+            await exchange(send, ex, req, ident, deadlines, opener=self._joiner(lk, headers))
+            return
+        self.counts["misses"] += 1
+        ex.extra_headers.append(_MISS)
+        chunks: list[bytes] = []
+        head: list[Any] = []
+
+        @asynccontextmanager
+        async def recording(req: UpstreamRequest, **kw: Any) -> AsyncIterator[UpstreamResponse]:
+            async with self._open_upstream(req, **kw) as resp:
+                head.append(resp)
+                yield resp
+
+        await exchange(send, ex, req, ident, deadlines, opener=recording, tee=chunks.append)
+        if head and lk.write and ex.outcome == "" and not ex.error:
+            self._store(lk, head[0].status, head[0].headers, chunks, ex.model)
+
+    async def _send_entry(self, send: Send, ex: Exchange, entry: Entry) -> None:
+        try:
+            status, headers, body = replay(entry, ex.stream)
+        except (ValueError, KeyError, TypeError) as exc:
+            # A stored entry that cannot be converted to the form asked for:
+            # nothing a client can fix, and rare enough to be a bug report.
+            raise ProxyError(500, f"cached entry could not be replayed: {exc}", "api_error") from None
+        ex.status = status
+        ex.is_sse = ex.stream
+        await send({"type": "http.response.start", "status": status, "headers": headers + ex.weir_headers()})
+        ex.head_sent = True
+        ex.bytes_out += len(body)
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    def _store(self, lk: Lookup, status: int, headers: list[tuple[bytes, bytes]], chunks: list[bytes], model: str, ttl: float | None = None) -> bool:
+        entry = build_entry(status, headers, chunks, now=self._wall(), ttl=lk.ttl if ttl is None else ttl,
+                            max_bytes=self.settings.max_entry_bytes, model=model)
+        if entry is None:
+            self.counts["not_stored"] += 1
+            return False
+        self.tiered.set(lk.key, entry)
+        self.counts["stored"] += 1
+        return True
+
+    # -- coalescing ------------------------------------------------------
+
+    def _joiner(self, lk: Lookup, client_headers: Mapping[bytes, bytes]) -> Opener:
+        """An opener for ``_exchange`` that subscribes to the key's flight."""
+
+        @asynccontextmanager
+        async def join(req: UpstreamRequest, *, ident: Identity, ex: Exchange, deadlines: Deadlines) -> AsyncIterator[UpstreamResponse]:
+            fkey = lk.key + (":s" if req.stream else ":j")
+
+            async def fetch(flight: Flight) -> None:
+                await self._fly(flight, lk, req, ident, deadlines)
+
+            assert self.coalescer is not None
+            async with self.coalescer.subscribe(fkey, fetch, deadline=deadlines.total) as (resp, flight, leader):
+                # Any subscriber that wants the reply stored gets it stored, for
+                # the shortest lifetime any of them asked for.
+                if lk.write:
+                    flight.ttl = lk.ttl if not flight.write else min(flight.ttl, lk.ttl)
+                    flight.write = True
+                tag = len(ex.extra_headers)
+                ex.extra_headers.append(_MISS if leader else _COALESCED)
+                await resp.wait_head()
+                if flight.from_cache or not leader:
+                    ex.extra_headers[tag] = _COALESCED
+                    self.counts["coalesced"] += 1
+                else:
+                    self.counts["misses"] += 1
+                ex.target = flight.target
+                yield resp
+
+        return join
+
+    async def _fly(self, flight: Flight, lk: Lookup, req: UpstreamRequest, ident: Identity, deadlines: Deadlines) -> None:
+        """The body of a flight: claim the key across workers, or wait for the
+        worker that holds it; else call upstream, record, store."""
+        s = self.settings
+        claimed = True
+        stored = False
+        if self._has_l2:
+            claimed = await self.tiered.claim(lk.key, s.lease_s)
+        try:
+            if not claimed:
+                self.counts["lease_waits"] += 1
+                remaining = deadlines.total - trio.current_time()
+                entry = await self.tiered.wait_filled(lk.key, poll=s.lease_poll_s, timeout=max(0.0, min(s.lease_s, remaining)))
+                if entry is not None:
+                    self.counts["lease_fills"] += 1
+                    status, headers, body = replay(entry, req.stream)
+                    flight.from_cache = True
+                    flight.start(status, headers, "cache")
+                    flight.push(body)
+                    flight.finish()
+                    return
+            fex = Exchange(request_id="flight", started=time.perf_counter(), model=req.model, stream=req.stream)
+            async with self._open_upstream(req, ident=ident, ex=fex, deadlines=deadlines) as resp:
+                # Past the head: the router must now let stream failures through
+                # as UpstreamError, as it does for a request that sent its head.
+                fex.head_sent = True
+                flight.start(resp.status, resp.headers, fex.target)
+                if resp.status >= 400:
+                    flight.push(await resp.read(_ERROR_BODY_LIMIT))
+                else:
+                    async for chunk in resp.aiter():
+                        flight.push(chunk)
+            flight.finish()
+            if flight.write and flight.status == 200:
+                if flight.size > s.max_entry_bytes:
+                    self.counts["not_stored"] += 1
+                else:
+                    stored = self._store(lk, flight.status, flight.headers, flight.chunks, req.model, flight.ttl)
+        finally:
+            # After a successful store the lease is left to lapse: the L2 write
+            # is still in flight (TieredCache.set schedules it), and a release
+            # now would send waiting workers upstream a moment before the
+            # entry lands. They find the entry on their next poll instead.
+            if claimed and self._has_l2 and not stored:
+                with trio.move_on_after(1.0) as cs:
+                    cs.shield = True
+                    await self.tiered.release(lk.key)
+
+    # -- admin -----------------------------------------------------------
+
+    async def stats(self) -> dict:
+        levels = await self.tiered.stats()
+        return {
+            "mode": self.settings.mode,
+            "coalesce": self.coalescer is not None,
+            "requests": dict(self.counts),
+            "flights": self.coalescer.flights_started if self.coalescer is not None else 0,
+            "l2_backend": self.settings.l2 if self._has_l2 else "none",
+            **levels,
+        }
+
+    async def purge(self, tenant: str | None) -> int:
+        """Raises ``L2Unavailable`` when the shared level could not be purged."""
+        return await self.tiered.purge(None if tenant is None else tenant_tag(tenant))
+
+
+# Error bodies are read whole for every subscriber; a real one is < 1 KiB.
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+async def serve_cache(
+    settings: CacheSettings,
+    open_upstream: Opener,
+    *,
+    task_status: trio.TaskStatus[CacheStage] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Own the cache's L2 connection and background work for the app's lifetime.
+
+    Started in the lifespan nursery. It opens the L2 backend, then a nursery
+    of its own for everything that uses it — flights and L2 writes — and
+    hands the stage back through ``task_status``. When the lifespan ends,
+    that inner nursery drains first (an SQLite call in a worker thread
+    cannot be abandoned: closing its connection under it crashes the
+    process), and only then is L2 closed. One task enters and leaves L2,
+    which coredis requires (its pool runs a task group).
+    """
+    stack = AsyncExitStack()
+    try:
+        l2: L2Backend | None = None
+        if settings.mode != "off":
+            l2 = await _open_l2(settings, stack)
+        async with trio.open_nursery() as nursery:
+            l1 = L1Cache(max_bytes=settings.l1_max_bytes, default_ttl=settings.ttl_s, timer=trio.current_time)
+            tiered = TieredCache(l1, l2, nursery=nursery, log=log)
+            stage = CacheStage(settings, tiered, open_upstream=open_upstream, nursery=nursery, has_l2=l2 is not None)
+            task_status.started(stage)
+            await trio.sleep_forever()
+    finally:
+        with trio.move_on_after(5.0) as cs:  # closing a sick L2 must not hold up shutdown
+            cs.shield = True
+            await stack.aclose()
+
+
+async def _open_l2(settings: CacheSettings, stack: AsyncExitStack) -> L2Backend | None:
+    if settings.l2 == "sqlite":
+        from cache.sqlite import SQLiteL2
+
+        return await stack.enter_async_context(SQLiteL2(settings.sqlite_path, max_bytes=settings.sqlite_max_bytes))
+    if settings.l2 == "redis":
+        from cache.redis import RedisL2
+
+        try:
+            return await stack.enter_async_context(RedisL2(settings.redis_url))
+        except (L2Unavailable, OSError) as exc:
+            # Redis down at start-up: serve from L1 rather than refuse to start.
+            log.warning("cache: redis L2 at %s unavailable at start-up, serving from L1 only: %s", settings.redis_url, exc)
+            return None
+    return None
+
