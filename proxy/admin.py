@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
@@ -39,6 +40,11 @@ def build_admin(weir: Weir) -> QuartTrio:
     @app.get("/ready")
     async def ready() -> Any:
         ok, reason = weir.ready()
+        router = getattr(weir, "router", None)
+        if ok and router is not None and not router.usable(trio.current_time()):
+            # Every breaker is open: this instance can only answer 503s, so a
+            # load balancer should send traffic elsewhere until a probe succeeds.
+            ok, reason = False, "no_usable_upstream"
         body = {"status": reason, "in_flight": weir.in_flight, "upstreams": [t.name for t in weir.targets]}
         return body, (200 if ok else 503)
 
@@ -51,6 +57,40 @@ def build_admin(weir: Weir) -> QuartTrio:
         if not weir.auth.is_admin({k.lower().encode(): v.encode() for k, v in request.headers.items()}):
             return _json_error(401, "authentication_error", "admin key required")
         return None
+
+    @app.get("/admin/upstreams")
+    async def upstreams() -> Any:
+        """Targets with their breaker, key pool (ids, never secrets) and scheduler state."""
+        now = trio.current_time()
+        return {"upstreams": [lane.snapshot(now) for lane in weir.router.lanes]}
+
+    @app.post("/admin/upstreams/<name>/breaker/reset")
+    async def breaker_reset(name: str) -> Any:
+        lane = weir.router.lane(name)
+        if lane is None:
+            return _json_error(404, "not_found_error", f"no upstream {name!r}")
+        lane.breaker.reset(trio.current_time())
+        return {"upstream": name, "breaker": lane.breaker.snapshot(trio.current_time())}
+
+    @app.post("/admin/upstreams/<name>/keys/<key_id>/<action>")
+    async def key_toggle(name: str, key_id: str, action: str) -> Any:
+        lane = weir.router.lane(name)
+        if lane is None or lane.keys is None:
+            return _json_error(404, "not_found_error", f"no key pool for upstream {name!r}")
+        if action not in ("enable", "disable"):
+            return _json_error(404, "not_found_error", f"unknown action {action!r}: enable or disable")
+        try:
+            getattr(lane.keys, action)(key_id)
+        except KeyError:
+            return _json_error(404, "not_found_error", f"no key {key_id!r} in upstream {name!r}")
+        return {"upstream": name, "keys": lane.keys.snapshot(trio.current_time())}
+
+    @app.get("/admin/routes")
+    async def routes() -> Any:
+        return {
+            "routes": [{"match": r.match, "targets": list(r.targets)} for r in weir.settings.routes],
+            "default": weir.router.lanes[0].name if weir.router.lanes else None,
+        }
 
     @app.get("/admin/stats")
     async def stats() -> Any:

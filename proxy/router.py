@@ -227,7 +227,12 @@ class Router:
         """One target: its attempts and retries. None means "try the next target"."""
         label = f"{lane.name}:{model}" if model else lane.name
         leg = prepare(req, kind=lane.target.kind, model=model)  # ProxyError(400): no target can help
-        pool = None if ident.passthrough else lane.keys
+        # The target's own keys win whenever it has some (the quick start's
+        # --upstream-key-env with no client keys); the client's credentials are
+        # forwarded only to a target that has none.
+        pool = lane.keys
+        if pool is not None and ident.passthrough:
+            leg.request.headers = [(n, v) for n, v in leg.request.headers if n not in (b"x-api-key", b"authorization")]
         priority = req.priority if req.priority in _PRIORITIES else "interactive"
         attempt = 0
         key_switches = 0
