@@ -38,7 +38,7 @@ from .router import Router
 from .usage import estimate_input_tokens
 from .settings import Settings
 from .upstream import Target, UpstreamError, UpstreamRequest
-from .upstream.adapters import decode_chat, estimate_input_tokens, openai_error_send
+from .upstream.adapters import count_tokens_locally, decode_chat, openai_error_send
 
 __all__ = ["Weir", "build_app"]
 
@@ -167,12 +167,10 @@ class Weir:
             return
         ex.model = env.model
         ex.stream = env.stream
-        if self.ratelimiter is None:
-            await self._forward(scope, receive, send, headers, ex, body, ident)
-        else:
-            await self._forward_limited(scope, receive, send, headers, ex, body, ident)
+        ex.temperature = env.temperature
+        await self._admit_and_forward(scope, receive, send, headers, ex, body, ident)
 
-    async def _forward_limited(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange, body: bytes, ident: Identity) -> None:
+    async def _admit_and_forward(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange, body: bytes, ident: Identity) -> None:
         """Admit against the tenant's budget on an estimate; settle on the real usage.
 
         Tokens are the upstream's: settled with the usage of the reply relayed
@@ -180,7 +178,9 @@ class Weir:
         failed call, refunds the estimate.
         """
         limiter = self.ratelimiter
-        assert limiter is not None
+        if limiter is None:
+            await self._forward(scope, receive, send, headers, ex, body, ident)
+            return
         est = estimate_input_tokens(body)
         decision = await limiter.admit(ident.tenant, est)
         ex.extra_headers.extend(decision.headers())
@@ -209,7 +209,7 @@ class Weir:
             lane, _ = self.router.resolve(env.model)[0]
             if lane.target.kind == "openai":
                 # OpenAI-compatible servers have no token counter: estimate locally.
-                counted = b'{"input_tokens":%d}' % estimate_input_tokens(body)
+                counted = b'{"input_tokens":%d}' % count_tokens_locally(body)
                 ex.status = 200
                 await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(counted)).encode()), (b"x-weir-token-count", b"estimate"), *ex.weir_headers()]})
                 await send({"type": "http.response.body", "body": counted})
@@ -232,7 +232,7 @@ class Weir:
             return
         ex.model = env.model
         ex.stream = env.stream
-        await self._forward(scope, receive, send, headers, ex, body, ident)
+        await self._admit_and_forward(scope, receive, send, headers, ex, body, ident)
 
     async def passthrough(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange) -> None:
         """Routes Weir forwards without reading: models, batches."""
@@ -302,7 +302,8 @@ class Weir:
         deadlines = Deadlines(total=trio.current_time() + d.total_s, first_byte_s=d.first_byte_s, idle_s=d.idle_s)
         async with trio.open_nursery() as nursery:
             # A client that hangs up cancels everything below, the upstream
-            # call included: httpx closes that connection as it unwinds.
+            # call included: the pool closes that connection as it unwinds,
+            # which is how the upstream learns the call was abandoned.
             nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, ex)
             try:
                 await self._respond(send, ex, req, headers, ident, deadlines)

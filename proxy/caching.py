@@ -119,8 +119,14 @@ class Lookup:
     ttl: float  # lifetime of a stored reply
 
 
-def plan_lookup(*, path: str, headers: Mapping[bytes, bytes], body: bytes, tenant: str, mode: str, default_ttl: float) -> Lookup | None:
-    """The cache decision for one request; ``None`` means bypass."""
+def plan_lookup(
+    *, path: str, headers: Mapping[bytes, bytes], body: bytes, tenant: str, mode: str, default_ttl: float, temperature: Any = ...
+) -> Lookup | None:
+    """The cache decision for one request; ``None`` means bypass.
+
+    ``temperature`` is what the handler's envelope decode already read; left
+    as ``...`` it is read from the body here.
+    """
     if path != CACHED_ROUTE or mode == "off":
         return None
     opt = headers.get(b"x-weir-cache")
@@ -129,10 +135,13 @@ def plan_lookup(*, path: str, headers: Mapping[bytes, bytes], body: bytes, tenan
         return None
     probe: dict[str, Any] = {}
     if mode != "all" and (opt_s or "").strip().lower() != "on":
-        try:
-            probe["temperature"] = _temperature.decode(body).temperature
-        except msgspec.DecodeError:
-            return None
+        if temperature is not ...:
+            probe["temperature"] = temperature
+        else:
+            try:
+                probe["temperature"] = _temperature.decode(body).temperature
+            except msgspec.DecodeError:
+                return None
     if not is_cacheable_request(probe, opt_s, mode):
         return None
     try:
@@ -253,7 +262,7 @@ class CacheStage:
             await exchange(send, ex, req, ident, deadlines)
             return
         s = self.settings
-        lk = plan_lookup(path=req.path, headers=headers, body=req.body, tenant=ident.tenant, mode=s.mode, default_ttl=s.ttl_s)
+        lk = plan_lookup(path=req.path, headers=headers, body=req.body, tenant=ident.tenant, mode=s.mode, default_ttl=s.ttl_s, temperature=ex.temperature)
         if lk is None:
             self.counts["bypass"] += 1
             ex.extra_headers.append(_BYPASS)

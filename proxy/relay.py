@@ -72,6 +72,8 @@ class Exchange:
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     # Set by the rate limiter: read the reply's usage to settle the estimate,
     # and report Weir's anthropic-ratelimit-* headers instead of the upstream's.
+    # The envelope's temperature, for the cache policy; ``...`` = not read.
+    temperature: Any = ...
     metered: bool = False
     meter: UsageMeter | None = None
     own_ratelimit: bool = False

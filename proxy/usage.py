@@ -28,9 +28,18 @@ def estimate_input_tokens(body: bytes) -> int:
 
 
 class _Usage(msgspec.Struct):
+    # Anthropic's names…
     input_tokens: int = 0
     output_tokens: int = 0
     cache_creation_input_tokens: int | None = 0
+    # …and OpenAI's, for /v1/chat/completions replies.
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def counts(self) -> tuple[int, int]:
+        if self.prompt_tokens or self.completion_tokens:
+            return self.prompt_tokens, self.completion_tokens
+        return self.input_tokens + (self.cache_creation_input_tokens or 0), self.output_tokens
 
 
 class _Message(msgspec.Struct):
@@ -51,7 +60,8 @@ class UsageMeter:
     """Feed the reply's chunks; read ``tokens`` at the end.
 
     Counts input + cache-creation + output tokens, and not cache reads, as
-    Anthropic's own input-token limits do.
+    Anthropic's own input-token limits do. Reads OpenAI's usage too (the
+    chat-completions ingress): ``prompt_tokens`` + ``completion_tokens``.
     """
 
     __slots__ = ("_sse", "_parser", "_parts", "_size", "input", "output")
@@ -82,12 +92,11 @@ class UsageMeter:
         usage = ev.message.usage if ev.message is not None else ev.usage
         if usage is None:
             return
-        if ev.type == "message_start":
-            self.input = usage.input_tokens + (usage.cache_creation_input_tokens or 0)
-            self.output = usage.output_tokens
-        elif ev.type == "message_delta":
+        if ev.type == "message_delta":
             # message_delta carries the cumulative output count.
             self.output = max(self.output, usage.output_tokens)
+        else:  # message_start, or OpenAI's final usage chunk
+            self.input, self.output = usage.counts()
 
     @property
     def tokens(self) -> int:
@@ -98,6 +107,5 @@ class UsageMeter:
                 usage = None
             self._parts = []
             if usage is not None:
-                self.input = usage.input_tokens + (usage.cache_creation_input_tokens or 0)
-                self.output = usage.output_tokens
+                self.input, self.output = usage.counts()
         return self.input + self.output

@@ -54,7 +54,7 @@ __all__ = [
     "wrap",
     "openai_error_body",
     "openai_error_send",
-    "estimate_input_tokens",
+    "count_tokens_locally",
     "decode_chat",
     "ChatEnvelope",
 ]
@@ -435,7 +435,7 @@ def openai_error_send(send: Send) -> Send:
     return wrapped
 
 
-def estimate_input_tokens(body: bytes) -> int:
+def count_tokens_locally(body: bytes) -> int:
     """A local stand-in for ``count_tokens`` where the upstream has none.
 
     OpenAI-compatible servers have no token-counting endpoint, and their

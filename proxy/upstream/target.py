@@ -1,8 +1,8 @@
 """A target: one upstream endpoint, its connection budget and its connection pool.
 
-Requests reach the pool only through the scheduler (and, as a guard, the
-limiter here), so no more are in flight than the pool holds: the pool never
-queues, and never needs to. ARCHITECTURE.md measured why that matters —
+Requests reach the pool only through the router's per-target scheduler,
+whose capacity is ``max_connections``, so no more are in flight than the
+pool holds: the pool never queues, and never needs to. ARCHITECTURE.md measured why that matters —
 httpx queueing 64 requests on one client collapsed to ~350 req/s — and the
 side-by-side benchmark's profile showed why we left httpx for the upstream
 leg altogether (see ``pool.py``).
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-
-import trio
 
 from ..settings import DeadlineSettings, UpstreamSettings
 from .base import UpstreamRequest, UpstreamResponse
@@ -35,9 +33,7 @@ class Target:
         self.kind = settings.kind
         self.url = url.rstrip("/")
         self.keys = keys
-        n = settings.max_connections
         self.pool = ConnectionPool(self.url, connect_timeout=deadlines.connect_s, keepalive_expiry=_KEEPALIVE_EXPIRY_S)
-        self.limiter = trio.CapacityLimiter(n)
         self._extra = [(k.lower().encode(), v.encode()) for k, v in settings.headers.items()]
         self.in_flight = 0
 
@@ -60,17 +56,16 @@ class Target:
         connection is busy until then. Raises ``UpstreamError`` when no head
         could be had.
         """
-        async with self.limiter:
-            self.in_flight += 1
-            resp: PooledResponse | None = None
-            try:
-                target = req.path.encode() + (b"?" + req.query if req.query else b"")
-                resp = await self.pool.request(req.method.encode(), target, req.headers + credentials + self._extra, req.body)
-                yield resp
-            finally:
-                self.in_flight -= 1
-                if resp is not None:
-                    self.pool.release(resp)
+        self.in_flight += 1
+        resp: PooledResponse | None = None
+        try:
+            target = req.path.encode() + (b"?" + req.query if req.query else b"")
+            resp = await self.pool.request(req.method.encode(), target, req.headers + credentials + self._extra, req.body)
+            yield resp
+        finally:
+            self.in_flight -= 1
+            if resp is not None:
+                self.pool.release(resp)
 
     async def aclose(self) -> None:
         await self.pool.aclose()
