@@ -8,7 +8,8 @@ hop-by-hop ones (RFC 9110 §7.6.1), the ones httpx recomputes, and Weir's own
 
 from __future__ import annotations
 
-import secrets
+import itertools
+import os
 from collections.abc import Mapping
 
 __all__ = ["HOP_BY_HOP", "upstream_request_headers", "client_response_headers", "request_id"]
@@ -65,6 +66,13 @@ def client_response_headers(upstream_headers: list[tuple[bytes, bytes]], *, drop
     return [(n, v) for n, v in upstream_headers if n not in HOP_BY_HOP]
 
 
+# A random per-process prefix and a counter: unique across workers and
+# restarts, and no system call per request (``secrets.token_hex`` was ~1% of
+# the hot path's CPU in the py-spy profile).
+_ID_PREFIX = "req_weir_" + os.urandom(6).hex()
+_ID_COUNTER = itertools.count(1)
+
+
 def request_id(headers: Mapping[bytes, bytes]) -> str:
     """The id on every response and log line of one request.
 
@@ -74,4 +82,4 @@ def request_id(headers: Mapping[bytes, bytes]) -> str:
     given = headers.get(b"x-request-id")
     if given and len(given) <= 128 and given.isascii() and given.replace(b"-", b"").replace(b"_", b"").isalnum():
         return given.decode()
-    return "req_weir_" + secrets.token_hex(12)
+    return "%s%08x" % (_ID_PREFIX, next(_ID_COUNTER))

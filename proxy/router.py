@@ -290,7 +290,9 @@ class Router:
                             return None
                     else:
                         status = resp.status
-                        headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in resp.headers}
+                        # Decoded only when read: the common case (a success
+                        # with no key pool) never needs it.
+                        headers = _header_map(resp.headers) if lease is not None or status >= 400 else {}
                         if lease is not None:
                             pool.observe(lease, status, headers, now, wallclock=time.time())  # type: ignore[union-attr]
                         # 5xx and 529 blame the target; 4xx (429 included) blame the request or a key.
@@ -343,6 +345,10 @@ class Router:
         ex.extra_headers.append((b"x-weir-target", label.encode()))
         await held.enter_async_context(stack.pop_all())
         return resp
+
+
+def _header_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {n.decode("latin-1"): v.decode("latin-1") for n, v in headers}
 
 
 async def _error_of(resp: UpstreamResponse) -> ProxyError:
