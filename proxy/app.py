@@ -157,17 +157,27 @@ class Weir:
     # ----------------------------------------------------------- handlers
 
     async def messages(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange) -> None:
+        await self._model_call(scope, receive, send, headers, ex, decode_messages)
+
+    async def chat_completions(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange) -> None:
+        """OpenAI clients, to either kind of upstream; every error in OpenAI's shape."""
+        await self._model_call(scope, receive, openai_error_send(send), headers, ex, decode_chat)
+
+    async def _model_call(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange, decode: Callable[[bytes], Any]
+    ) -> None:
+        """A generation in either dialect: identify, read, decode the envelope, admit, forward."""
         try:
             ident = self.auth.identify(headers)
             ex.tenant = ident.tenant
             body = await self._read_body(receive, headers)
-            env = decode_messages(body)
+            env = decode(body)
         except ProxyError as err:
             await send_error(send, ex, err)
             return
         ex.model = env.model
         ex.stream = env.stream
-        ex.temperature = env.temperature
+        ex.temperature = getattr(env, "temperature", ...)
         await self._admit_and_forward(scope, receive, send, headers, ex, body, ident)
 
     async def _admit_and_forward(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange, body: bytes, ident: Identity) -> None:
@@ -218,21 +228,6 @@ class Weir:
             await send_error(send, ex, err)
             return
         await self._forward(scope, receive, send, headers, ex, body, ident)
-
-    async def chat_completions(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange) -> None:
-        """OpenAI clients, to either kind of upstream; every error in OpenAI's shape."""
-        send = openai_error_send(send)
-        try:
-            ident = self.auth.identify(headers)
-            ex.tenant = ident.tenant
-            body = await self._read_body(receive, headers)
-            env = decode_chat(body)
-        except ProxyError as err:
-            await send_error(send, ex, err)
-            return
-        ex.model = env.model
-        ex.stream = env.stream
-        await self._admit_and_forward(scope, receive, send, headers, ex, body, ident)
 
     async def passthrough(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange) -> None:
         """Routes Weir forwards without reading: models, batches."""

@@ -37,7 +37,7 @@ import msgspec
 __all__ = ["BreakerConfig", "BreakerState", "CircuitBreaker", "Permit"]
 
 
-class BreakerConfig(msgspec.Struct, frozen=True, kw_only=True):
+class BreakerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Tuning for one target's breaker; the defaults suit LLM APIs whose calls last seconds."""
 
     # Envoy outlier detection: ``consecutive_5xx`` defaults to 5.

@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 
-class RetryConfig(msgspec.Struct, frozen=True, kw_only=True):
+class RetryConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Anthropic's Python SDK: DEFAULT_MAX_RETRIES = 2, i.e. 3 attempts in all.
     max_attempts: int = 3
     # The SDK starts at 0.5 s; we start lower because the client's own SDK

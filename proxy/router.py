@@ -42,11 +42,11 @@ from typing import Any
 import trio
 
 from .auth import Identity
-from .breaker import BreakerConfig, CircuitBreaker
+from .breaker import CircuitBreaker
 from .errors import ProxyError
 from .keypool import KeyPool, Lease
 from .relay import Deadlines, Exchange, is_anthropic_error, upstream_failure
-from .retry import Decision, GiveUp, Outcome, RetryConfig, RetryPolicy, retry_after_from_headers
+from .retry import Decision, GiveUp, Outcome, RetryPolicy, retry_after_from_headers
 from .scheduler import FifoSemaphoreScheduler, Overloaded, Scheduler
 from .settings import Settings
 from .upstream import Target, UpstreamError, UpstreamRequest, UpstreamResponse
@@ -125,21 +125,8 @@ class Router:
     def __init__(self, settings: Settings, targets: list[Target], *, random: Callable[[], float] = _random.random) -> None:
         self.settings = settings
         self.targets = targets
-        b = settings.breaker
-        breaker_config = BreakerConfig(
-            failure_threshold=b.failure_threshold,
-            failure_ratio=b.failure_ratio,
-            min_requests=b.min_requests,
-            window_s=b.window_s,
-            open_s=b.open_s,
-            half_open_probes=b.half_open_probes,
-            success_threshold=b.success_threshold,
-        )
-        r = settings.retry
-        self.retry = RetryPolicy(
-            RetryConfig(max_attempts=r.max_attempts, base_s=r.base_s, cap_s=r.cap_s, max_retry_after_s=r.max_retry_after_s),
-            random=random,
-        )
+        breaker_config = settings.breaker
+        self.retry = RetryPolicy(settings.retry, random=random)
         s = settings.scheduler
         # A client key's weight applies unless scheduler.weights names its tenant.
         weights = {ck.tenant: ck.weight for ck in settings.auth.client_keys}

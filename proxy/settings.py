@@ -21,6 +21,9 @@ from typing import Any, Literal
 
 import msgspec
 
+from .breaker import BreakerConfig
+from .retry import RetryConfig
+
 __all__ = ["Settings", "SettingsError", "load_settings", "settings_from_dict"]
 
 MiB = 1024 * 1024
@@ -133,28 +136,6 @@ class RouteSettings(_Base):
     targets: list[str]
 
 
-class BreakerSettings(_Base):
-    # Envoy outlier detection's consecutive_5xx default.
-    failure_threshold: int = 5
-    # Hystrix / resilience4j: 50% failures over at least 20 calls in the window.
-    failure_ratio: float = 0.5
-    min_requests: int = 20
-    window_s: float = 30.0
-    # Between Hystrix's 5 s sleep window and Envoy's 30 s base ejection time.
-    open_s: float = 15.0
-    half_open_probes: int = 2
-    success_threshold: int = 2
-
-
-class RetrySettings(_Base):
-    # The Anthropic SDK retries twice (3 attempts) with an 8 s cap.
-    max_attempts: int = 3
-    base_s: float = 0.2
-    cap_s: float = 8.0
-    # A longer Retry-After than this fails over to the next target instead of sleeping.
-    max_retry_after_s: float = 30.0
-
-
 class SchedulerSettings(_Base):
     # "fair": deficit round-robin over tenants; "fifo": one semaphore (for comparison).
     policy: Literal["fair", "fifo"] = "fair"
@@ -213,8 +194,10 @@ class Settings(_Base):
     deadlines: DeadlineSettings = msgspec.field(default_factory=DeadlineSettings)
     upstreams: list[UpstreamSettings] = []
     routes: list[RouteSettings] = []
-    breaker: BreakerSettings = msgspec.field(default_factory=BreakerSettings)
-    retry: RetrySettings = msgspec.field(default_factory=RetrySettings)
+    # The policy objects' own configs: their defaults and the reasons for
+    # them live in proxy/breaker.py and proxy/retry.py.
+    breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
+    retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
     scheduler: SchedulerSettings = msgspec.field(default_factory=SchedulerSettings)
     ratelimit: RateLimitSettings = msgspec.field(default_factory=RateLimitSettings)
     cache: CacheSettings = msgspec.field(default_factory=CacheSettings)
