@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import trio
+import msgspec
 from quart import Response, request
 from quart_trio import QuartTrio
 
@@ -102,6 +103,11 @@ def build_admin(weir: Weir) -> QuartTrio:
                 {"name": t.name, "kind": t.kind, "url": t.url, "in_flight": t.in_flight, "max_connections": t.settings.max_connections}
                 for t in weir.targets
             ],
+            # Per tenant: refused by the rate limiter; per target: queue depth,
+            # waits, grants and sheds from its scheduler.
+            "rate_limited": dict(weir.limited),
+            "ratelimiter": {"kind": type(weir.ratelimiter).__name__, "errors": getattr(weir.ratelimiter, "errors", 0)} if weir.ratelimiter else None,
+            "schedulers": {lane.name: msgspec.to_builtins(lane.scheduler.stats()) for lane in weir.router.lanes} if weir.started else {},
         }
 
     @app.get("/admin/cache")

@@ -93,3 +93,17 @@ async def test_redis_down_fails_open() -> None:
             codes = [(await c.post("/v1/messages", content=body())).status_code for _ in range(3)]
     assert codes == [200, 200, 200]  # a limiter outage is not a gateway outage
     assert weir.app.ratelimiter.errors >= 3
+
+
+async def test_admin_stats_show_limited_and_queue_figures() -> None:
+    auth = {"admin_key": "adm", "client_keys": [{"tenant": "t", "key": "k-t"}]}
+    async with weir_and_mock(auth=auth, ratelimit={"requests_per_minute": 1}) as (weir, _):
+        async with httpx.AsyncClient(base_url=weir.url) as c:
+            for _ in range(3):
+                await c.post("/v1/messages", content=body(), headers={"x-api-key": "k-t"})
+            assert (await c.get("/admin/stats", headers={"x-api-key": "k-t"})).status_code == 401
+            stats = (await c.get("/admin/stats", headers={"x-api-key": "adm"})).json()
+    assert stats["rate_limited"] == {"t": 2}
+    assert stats["ratelimiter"]["kind"] == "LocalRateLimiter"
+    (sched,) = stats["schedulers"].values()
+    assert sched["in_flight"] == 0 and sched["tenants"]["t"]["granted"] == 1
