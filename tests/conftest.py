@@ -43,3 +43,9 @@ def redis_url() -> str:
 @pytest.fixture
 def database_url() -> str:
     return _need(DATABASE_URL, 5432, "PostgreSQL")
+
+
+# Time-based tests request pytest-trio's own ``autojump_clock`` fixture
+# (``MockClock(autojump_threshold=0)``). Servers and clients run in the test's
+# trio run and loopback writes land in the peer's buffer during the syscall,
+# so "every task blocked" means "only timers are left": time may jump at once.

@@ -13,10 +13,6 @@ from cache.entry import Entry, encode_entry
 from cache.l1 import PER_ITEM_OVERHEAD, L1Cache
 
 
-@pytest.fixture
-def autojump_clock():
-    return trio.testing.MockClock(autojump_threshold=0)
-
 
 def entry(ttl: float = 60.0, body: bytes = b"x" * 100) -> Entry:
     return Entry(200, [("content-type", "application/json")], body, None, {"input_tokens": 1}, 1.7e9, ttl, "m")

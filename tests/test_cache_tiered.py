@@ -18,10 +18,6 @@ from cache.tiered import TieredCache
 WALL = 1_700_000_000.0
 
 
-@pytest.fixture
-def autojump_clock():
-    return trio.testing.MockClock(autojump_threshold=0)
-
 
 def entry(ttl: float = 60.0, body: bytes = b'{"ok":true}') -> Entry:
     return Entry(200, [("content-type", "application/json")], body, None, None, WALL, ttl)

@@ -26,10 +26,6 @@ KEY = {"x-api-key": "sk-client", "anthropic-version": "2023-06-01"}
 ADMIN = {"x-api-key": "admin-secret"}
 
 
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
 
 def det(**fields) -> bytes:
     """A deterministic (temperature 0) request, unique per test so shared

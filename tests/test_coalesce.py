@@ -19,10 +19,6 @@ from .harness import body, make_settings, running_mock, running_weir, weir_and_m
 KEY = {"x-api-key": "sk-client", "anthropic-version": "2023-06-01"}
 
 
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
 
 def det(**fields) -> bytes:
     fields.setdefault("messages", [{"role": "user", "content": "coalesce " + uuid.uuid4().hex}])

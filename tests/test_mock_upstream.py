@@ -33,19 +33,11 @@ from proxy.mock_upstream import (
 )
 from proxy.sse import SSEParser
 
-
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
+from .harness import running_mock
 
 
-@asynccontextmanager
-async def running(**settings: Any) -> AsyncIterator[tuple[MockUpstream, str]]:
-    mock = MockUpstream(MockSettings(**settings))
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(mock.serve, "127.0.0.1", 0)
-        yield mock, f"http://127.0.0.1:{port}"
-        nursery.cancel_scope.cancel()
+
+running = running_mock
 
 
 @asynccontextmanager

@@ -19,13 +19,6 @@ from .harness import CLAUDE_CODE_BETA, body, claude_code_body, running_mock, run
 KEY = {"x-api-key": "sk-client", "anthropic-version": "2023-06-01"}
 
 
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    # Servers and clients all run in the test's trio run, and loopback writes
-    # land in the peer's buffer during the syscall, so "every task blocked"
-    # really means "only timers are left": time can jump at once.
-    return trio.testing.MockClock(autojump_threshold=0)
-
 
 def is_anthropic_error(resp: httpx.Response, status: int, type_: str | None = None) -> dict:
     assert resp.status_code == status, resp.text

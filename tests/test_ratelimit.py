@@ -18,10 +18,6 @@ RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 WALL0 = 1_750_000_000.0  # a fixed wall clock: 2025-06-15T15:06:40Z
 
 
-@pytest.fixture
-def autojump_clock():
-    return trio.testing.MockClock(autojump_threshold=0)
-
 
 # -- TokenBucket ------------------------------------------------------------
 

@@ -12,10 +12,6 @@ import pytest
 from .harness import body, running_mock, running_weir, make_settings, weir_and_mock
 
 
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
 
 def _key() -> dict[str, str]:
     # Passthrough mode: a fresh key is a fresh tenant (and a fresh Redis key).

@@ -38,10 +38,6 @@ _MESSAGE = msgspec.json.encode(
 )
 
 
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
 
 Reply = tuple[int, list[tuple[bytes, bytes]], bytes]
 

@@ -210,10 +210,6 @@ def test_release_is_exactly_once_and_stats_count():
 # -- trio shell -------------------------------------------------------------------
 
 
-@pytest.fixture
-def autojump_clock():
-    return trio.testing.MockClock(autojump_threshold=0)
-
 
 async def _hold(sched, tenant, seconds, log=None, **kw):
     async with sched.slot(tenant=tenant, **kw):

@@ -19,10 +19,6 @@ SLOW = {"x-mock-latency-ms": "1000"}
 AUTH = {"client_keys": [{"tenant": "a", "key": "key-a"}, {"tenant": "b", "key": "key-b"}]}
 
 
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
 
 def settings(url: str, capacity: int, **sections):  # type: ignore[no-untyped-def]
     return make_settings(None, upstreams=[{"name": "p", "url": url, "api_keys": ["sk-up"], "max_connections": capacity}], auth=AUTH, **sections)
