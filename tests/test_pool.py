@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ssl
+
 import pytest
 import trio
+import trustme
 
 from proxy.upstream import pool as pool_module
 from proxy.upstream.base import UpstreamError
@@ -126,3 +129,46 @@ async def test_base_path_of_the_url_prefixes_every_request() -> None:
         await _collect(resp)
         assert mock.requests[-1].path == "/v1/models" and mock.requests[-1].query == "limit=2"
         assert mock.requests[-1].header(b"host") == url.split("//")[1].encode()
+
+
+async def test_tls_upstream_with_keep_alive() -> None:
+    """The path real Anthropic takes: TLS, SNI, certificate checked, connection reused."""
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    accepted: list[int] = []
+
+    async def handler(stream: trio.SSLStream) -> None:
+        accepted.append(1)
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    chunk = await stream.receive_some(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                assert b"host: localhost:" in head.lower()
+                await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecure")
+        except trio.BrokenResourceError:
+            return
+
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_ssl_over_tcp_listeners(0, server_ctx, host="127.0.0.1")
+        nursery.start_soon(trio.serve_listeners, handler, listeners)
+        port = listeners[0].transport_listener.socket.getsockname()[1]
+        pool = ConnectionPool(f"https://localhost:{port}", connect_timeout=5, keepalive_expiry=50, ssl_context=client_ctx)
+        for _ in range(3):
+            resp = await pool.request(b"GET", b"/", [], b"")
+            assert await _collect(resp) == b"secure"
+            pool.release(resp)
+        assert pool.opened == 1 and len(accepted) == 1
+        # An untrusted certificate is a connect error, never a silent downgrade.
+        strict = ConnectionPool(f"https://localhost:{port}", connect_timeout=5, keepalive_expiry=50)
+        with pytest.raises(UpstreamError) as info:
+            await strict.request(b"GET", b"/", [], b"")
+        assert info.value.kind == "connect"
+        nursery.cancel_scope.cancel()

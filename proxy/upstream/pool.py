@@ -40,12 +40,9 @@ _RECV = 65536
 
 
 def _ssl_context() -> ssl.SSLContext:
-    try:
-        import certifi  # ships with httpx; the CA bundle the SDKs use too
+    import certifi  # the CA bundle httpx and the official SDKs use
 
-        return ssl.create_default_context(cafile=certifi.where())
-    except ImportError:  # pragma: no cover - certifi comes with httpx
-        return ssl.create_default_context()
+    return ssl.create_default_context(cafile=certifi.where())
 
 
 class _Conn:
@@ -130,7 +127,7 @@ class PooledResponse:
 class ConnectionPool:
     """Keep-alive connections to one origin. Callers cap concurrency; the pool does not queue."""
 
-    def __init__(self, url: str, *, connect_timeout: float, keepalive_expiry: float) -> None:
+    def __init__(self, url: str, *, connect_timeout: float, keepalive_expiry: float, ssl_context: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -144,7 +141,7 @@ class ConnectionPool:
         self.base_path = parts.path.rstrip("/")
         self.connect_timeout = connect_timeout
         self.keepalive_expiry = keepalive_expiry
-        self._ssl = _ssl_context() if self.tls else None
+        self._ssl = (ssl_context or _ssl_context()) if self.tls else None
         self._idle: list[_Conn] = []
         self.opened = 0  # connections opened over the pool's life (tests, stats)
         self.closed = False
