@@ -125,6 +125,15 @@ class Weir:
             await handler(scope, receive, send, headers, ex)
         except _ClientGone:
             ex.status, ex.outcome = 499, "client_closed"
+        except Exception:
+            # A bug, not a client's fault: the traceback goes to our log with
+            # the request id; the client gets Anthropic's shape and that id.
+            log.exception("request failed", extra={"request_id": ex.request_id})
+            ex.outcome, ex.error = "internal_error", "api_error"
+            if not ex.head_sent:
+                await send_error(send, ex, ProxyError(500, f"internal error; request id {ex.request_id}", "api_error"))
+            elif ex.is_sse:
+                await end_stream_with_error(send, ex, "api_error", f"internal error; request id {ex.request_id}")
         finally:
             self.in_flight -= 1
             self.served += 1

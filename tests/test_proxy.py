@@ -395,3 +395,20 @@ async def test_health_and_ready() -> None:
             assert r.status_code == 503 and r.json()["status"] == "draining"
             refused = await c.post("/v1/messages", content=body(), headers=KEY)
             is_anthropic_error(refused, 503, "overloaded_error")
+
+
+async def test_a_bug_is_answered_in_anthropic_shape_with_the_request_id(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    async with weir_and_mock() as (weir, mock):
+
+        def broken(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("simulated bug")
+
+        monkeypatch.setattr(weir.app.router, "open", broken)
+        async with httpx.AsyncClient(base_url=weir.url, headers=KEY) as c:
+            r = await c.post("/v1/messages", content=body())
+            ok = await c.get("/health")  # the worker lives on
+    doc = is_anthropic_error(r, 500, "api_error")
+    assert r.headers["x-request-id"] in doc["error"]["message"]
+    assert "Traceback" not in r.text and "simulated bug" not in r.text
+    assert ok.status_code == 200
+    assert any("simulated bug" in (rec.exc_text or str(rec.exc_info)) for rec in caplog.records if rec.exc_info)
