@@ -192,7 +192,7 @@ def _mock_command(ns: argparse.Namespace) -> int:
         print(f"weir mock-upstream: --fault: {exc}", file=sys.stderr)
         return 2
     try:
-        trio.run(mock_upstream._serve_forever, mock, ns.host, ns.port)
+        trio.run(mock_upstream.serve_forever, mock, ns.host, ns.port)
     except KeyboardInterrupt:
         pass
     return 0

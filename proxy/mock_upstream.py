@@ -1216,7 +1216,6 @@ async def serve_forever(mock: MockUpstream, host: str, port: int) -> None:
                 break
 
 
-_serve_forever = serve_forever  # the name proxy/cli.py calls
 
 
 def main(argv: list[str] | None = None) -> int:
