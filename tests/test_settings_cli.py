@@ -141,3 +141,58 @@ def test_sigterm_drains_in_flight_streams_then_exits(tmp_path: Path) -> None:
     err = proc.stderr.read().decode() if proc.stderr else ""
     assert "built-in mock upstream" in err.splitlines()[0]  # says so in its first log line
     assert "draining" in err
+
+
+def _post(url: str) -> httpx.Response:
+    req = b'{"model":"m","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}'
+    return httpx.post(url + "/v1/messages", content=req, headers={"x-api-key": "k"}, timeout=10)
+
+
+def test_workers_share_one_port_and_drain_on_sigterm(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WEIR_SERVER__ACCESS_LOG": "false", "WEIR_CACHE__L2": "none"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port), "--workers", "2"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc)
+        workers: set[str] = set()
+        deadline = time.monotonic() + 15
+        # The kernel spreads new connections over the workers; each worker
+        # process has its own random request-id prefix, which tells them apart.
+        while len(workers) < 2 and time.monotonic() < deadline:
+            r = _post(url)
+            assert r.status_code == 200
+            workers.add(r.headers["x-request-id"][: len("req_weir_") + 12])
+        assert len(workers) == 2, "both workers answer on the one port"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_plain_hypercorn_command_serves_the_same_app(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WEIR_CACHE__L2": "none"}
+    hypercorn = str(Path(sys.executable).parent / "hypercorn")
+    proc = subprocess.Popen(
+        [hypercorn, "-c", str(ROOT / "hypercorn.toml"), "--bind", f"127.0.0.1:{port}", "proxy.asgi:app"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc)
+        r = _post(url)
+        assert r.status_code == 200 and r.json()["type"] == "message"
+        assert r.headers["x-request-id"].startswith("req_weir_")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
