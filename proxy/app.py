@@ -24,6 +24,7 @@ from .auth import Authenticator, Identity
 from .caching import CacheStage, serve_cache
 from .envelope import decode_count_tokens, decode_messages
 from .errors import ProxyError
+from .logs import AccessLog, AccessRecord
 from .headers import request_id, upstream_request_headers
 from .relay import (
     Deadlines,
@@ -46,7 +47,6 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-access_log = logging.getLogger("weir.access")
 log = logging.getLogger("weir")
 
 _DRAINING = ProxyError(503, "Weir is shutting down; retry on another instance", "overloaded_error", [(b"connection", b"close"), (b"retry-after", b"1")])
@@ -57,6 +57,8 @@ class Weir:
         self.settings = settings
         self.environ = dict(os.environ if environ is None else environ)
         self.auth = Authenticator(settings.auth, self.environ)
+        self.access = AccessLog()
+        self._access_on = False  # decided at start-up, once logging is configured
         self.targets: list[Target] = []
         self.router: Router
         self.draining = False
@@ -142,25 +144,26 @@ class Weir:
             self._log(ex)
 
     def _log(self, ex: Exchange) -> None:
-        if not self.settings.server.access_log:
+        if not self._access_on:
             return
-        access_log.info(
-            "request",
-            extra={
-                "request_id": ex.request_id,
-                "method": ex.method,
-                "path": ex.path,
-                "status": ex.status,
-                "tenant": ex.tenant,
-                "model": ex.model,
-                "stream": ex.stream,
-                "target": ex.target,
-                "outcome": ex.outcome or ("ok" if ex.status < 400 else "error"),
-                "error": ex.error or None,
-                "duration_ms": round((time.perf_counter() - ex.started) * 1000.0, 3),
-                "upstream_ms": round(ex.upstream_s * 1000.0, 3),
-                "bytes_out": ex.bytes_out,
-            },
+        now = time.time()
+        self.access.write(
+            AccessRecord(
+                ts=self.access.timestamp(now),
+                request_id=ex.request_id,
+                method=ex.method,
+                path=ex.path,
+                status=ex.status,
+                tenant=ex.tenant,
+                model=ex.model,
+                stream=ex.stream,
+                target=ex.target,
+                outcome=ex.outcome or ("ok" if ex.status < 400 else "error"),
+                error=ex.error or None,
+                duration_ms=round((time.perf_counter() - ex.started) * 1000.0, 3),
+                upstream_ms=round(ex.upstream_s * 1000.0, 3),
+                bytes_out=ex.bytes_out,
+            )
         )
 
     # ----------------------------------------------------------- handlers
@@ -405,6 +408,7 @@ class Weir:
 
     async def startup(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
+        self._access_on = self.settings.server.access_log and self.access.enabled()
         upstreams = list(self.settings.upstreams)
         if self.settings.uses_mock():
             from .mock_upstream import MockSettings, MockUpstream

@@ -7,6 +7,7 @@ owning here, and every library Weir uses already logs through stdlib.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -49,3 +50,69 @@ def configure_logging(level: str = "info") -> None:
     # httpx logs every request at INFO; that is our access log's job.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+class AccessRecord(msgspec.Struct):
+    """One access-log line; the same shape as every other JSON log line."""
+
+    ts: str
+    request_id: str
+    method: str
+    path: str
+    status: int
+    tenant: str
+    model: str
+    stream: bool
+    target: str
+    outcome: str
+    error: str | None
+    duration_ms: float
+    upstream_ms: float
+    bytes_out: int
+    level: str = "info"
+    logger: str = "weir.access"
+    msg: str = "request"
+
+
+class AccessLog:
+    """The per-request line, written without the logging module's machinery.
+
+    Building a ``LogRecord``, filtering and formatting it cost ~7% of the hot
+    path's CPU in the side-by-side benchmark (0.64 vs 0.59 CPU-ms a request,
+    log on vs off); one msgspec encode and one write cost a fraction of that.
+    It writes where the root logger's JSON handler writes, so both kinds of
+    line land in one stream, and honours the configured level.
+    """
+
+    def __init__(self, stream: Any = None) -> None:
+        self._stream = stream if stream is not None else sys.stderr
+        self._encode = msgspec.json.Encoder().encode
+        try:
+            # A real file: one write(2) per line, bytes as encoded, no text layer.
+            self._stream.flush()
+            self._fd: int | None = self._stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            self._fd = None
+        self._second = -1
+        self._prefix = ""
+
+    def enabled(self) -> bool:
+        return logging.getLogger("weir.access").isEnabledFor(logging.INFO)
+
+    def timestamp(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:  # strftime once a second, not once a request
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return "%s.%03dZ" % (self._prefix, int((now - second) * 1000))
+
+    def write(self, record: AccessRecord) -> None:
+        line = self._encode(record) + b"\n"
+        try:
+            if self._fd is not None:
+                os.write(self._fd, line)
+            else:
+                self._stream.write(line.decode())
+                self._stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken log stream must not fail the request

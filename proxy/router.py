@@ -31,6 +31,7 @@ response), so a cancelled request gives all of them back.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import random as _random
@@ -219,7 +220,8 @@ class Router:
         # forwarded only to a target that has none.
         pool = lane.keys
         if pool is not None and ident.passthrough:
-            leg.request.headers = [(n, v) for n, v in leg.request.headers if n not in (b"x-api-key", b"authorization")]
+            # A copy: ``req`` is shared with the other targets of the chain (and a flight's followers).
+            leg.request = dataclasses.replace(leg.request, headers=[(n, v) for n, v in leg.request.headers if n not in (b"x-api-key", b"authorization")])
         priority = req.priority if req.priority in _PRIORITIES else "interactive"
         attempt = 0
         key_switches = 0
@@ -254,18 +256,21 @@ class Router:
                     ex.target = label
                     error: UpstreamError | None = None
                     resp: UpstreamResponse | None = None
-                    with trio.CancelScope(deadline=head_deadline) as attempt_scope:
-                        try:
-                            raw = await stack.enter_async_context(lane.target.open(leg.request, credentials=credentials))
-                            resp = await wrap(leg, raw)
-                        except UpstreamError as exc:
-                            error = exc
+                    # The caller's cancel scope carries the first-byte deadline;
+                    # a second scope here would only repeat it.
+                    try:
+                        raw = await stack.enter_async_context(lane.target.open(leg.request, credentials=credentials))
+                        resp = await wrap(leg, raw)
+                    except UpstreamError as exc:
+                        error = exc
+                    except trio.Cancelled:
+                        if trio.current_time() >= head_deadline:
+                            # The head did not come in time: the target's fault
+                            # (a client hanging up is not). The caller answers 504.
+                            lane.breaker.record(permit, False, trio.current_time())
+                            permit = None
+                        raise
                     now = trio.current_time()
-                    if attempt_scope.cancelled_caught:
-                        # The head did not come in time: the target's fault; no time is left to retry.
-                        lane.breaker.record(permit, False, now)
-                        permit = None
-                        raise ProxyError(504, f"upstream {label} did not answer within the first-byte deadline", "timeout_error")
                     if error is not None or resp is None:
                         assert error is not None
                         lane.breaker.record(permit, False, now)

@@ -328,3 +328,25 @@ async def test_routes_pick_targets_and_models() -> None:
             assert r.status_code == 503 and r.json()["status"] == "no_usable_upstream"
             assert (await c.post("/admin/upstreams/main/breaker/reset", headers=ADMIN)).status_code == 200
             assert (await c.get("/ready")).status_code == 200
+
+
+async def test_a_head_timeout_counts_against_the_breaker_and_fails_over_next_time(autojump_clock: trio.testing.MockClock) -> None:
+    # A primary that accepts and never answers: the first request waits out
+    # its first-byte deadline (504); that failure opens the breaker
+    # (threshold 1), so the next request goes straight to the fallback.
+    async with running_mock() as (primary, p_url), running_mock() as (fallback, f_url):
+        settings = make_settings(
+            None,
+            upstreams=[{"name": "primary", "url": p_url}, {"name": "fallback", "url": f_url}],
+            routes=[{"match": "*", "targets": ["primary", "fallback"]}],
+            breaker={"failure_threshold": 1},
+            deadlines={"first_byte_s": 30},
+        )
+        async with running_weir(settings) as weir:
+            async with httpx.AsyncClient(base_url=weir.url, headers={**KEY, "x-mock-fault": "hang"}, timeout=None) as c:
+                first = await c.post("/v1/messages", content=body())
+                assert first.status_code == 504 and first.json()["error"]["type"] == "timeout_error"
+                # Healthy this time: only the open breaker keeps it off the primary.
+                second = await c.post("/v1/messages", content=body(), headers={"x-mock-fault": ""})
+    assert second.status_code == 200 and second.headers["x-weir-target"] == "fallback"
+    assert primary.calls == 1 and fallback.calls == 1

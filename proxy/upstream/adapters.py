@@ -209,8 +209,10 @@ def prepare(req: UpstreamRequest, *, kind: str, model: str) -> Leg:
     api = req.api
     path = req.path
     if kind == "anthropic" and api == "anthropic":
-        body = _with_model(req.body, model) if model and model != req.model and req.method == "POST" else req.body
-        return Leg(_replace(req, body=body), "pass", kind, req.model)
+        if model and model != req.model and req.method == "POST":
+            return Leg(_replace(req, body=_with_model(req.body, model)), "pass", kind, req.model)
+        # The hot path: the request goes as it came, no copy.
+        return Leg(req, "pass", kind, req.model)
     if kind == "openai" and api == "openai":
         body = _with_model(req.body, model) if model and model != req.model else req.body
         return Leg(_replace(req, path="/chat/completions", query=b"", body=body), "pass", kind, req.model)
