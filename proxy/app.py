@@ -312,8 +312,17 @@ class Weir:
             # call included: the pool closes that connection as it unwinds,
             # which is how the upstream learns the call was abandoned.
             nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, ex)
+
+            async def send_tracked(message: dict[str, Any]) -> None:
+                # Hypercorn reports http.disconnect as soon as a response is
+                # complete (as ASGI says it should): mark completion *before*
+                # the last send, so the watcher can tell that from a hang-up.
+                if message["type"] == "http.response.body" and not message.get("more_body", False):
+                    ex.complete = True
+                await send(message)
+
             try:
-                await self._respond(send, ex, req, headers, ident, deadlines)
+                await self._respond(send_tracked, ex, req, headers, ident, deadlines)
             finally:
                 nursery.cancel_scope.cancel()
 
@@ -338,7 +347,8 @@ class Weir:
         """One request relayed from its upstream call — or, with ``opener``
         (the coalescer's), from a call it shares; ``tee`` sees each chunk."""
         first = trio.current_time() + deadlines.first_byte_s
-        with trio.CancelScope(deadline=min(first, deadlines.total)) as scope:
+        ex.deadline_at = min(first, deadlines.total)
+        with trio.CancelScope(deadline=ex.deadline_at) as scope:
             t_up = time.perf_counter()
             try:
                 async with (opener or self.router.open)(req, ident=ident, ex=ex, deadlines=deadlines) as resp:
@@ -486,6 +496,8 @@ async def _watch_disconnect(receive: Receive, scope: trio.CancelScope, ex: Excha
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
+            if ex.complete:
+                return  # the response is whole: this is the end of the exchange, not a hang-up
             ex.outcome = "client_closed"
             if not ex.status:
                 ex.status = 499  # nginx's convention for "client closed request"

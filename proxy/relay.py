@@ -15,6 +15,7 @@ themselves under load).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class Exchange:
     target: str = ""
     upstream_s: float = 0.0  # time spent waiting on the upstream for the head
     head_sent: bool = False
+    complete: bool = False  # the final body message is (being) sent
     is_sse: bool = False
     # The last bytes forwarded: tells whether a cut came inside an SSE event.
     tail: bytes = b"\n\n"
@@ -72,6 +74,9 @@ class Exchange:
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     # Set by the rate limiter: read the reply's usage to settle the estimate,
     # and report Weir's anthropic-ratelimit-* headers instead of the upstream's.
+    # The deadline the request's cancel scope holds right now (first byte,
+    # then idle-per-read): a cancellation at or past it is a stall, not a hang-up.
+    deadline_at: float = math.inf
     # The envelope's temperature, for the cache policy; ``...`` = not read.
     temperature: Any = ...
     metered: bool = False
@@ -176,7 +181,7 @@ async def relay_response(
     try:
         async for chunk in resp.aiter():
             deadline = now() + idle
-            scope.deadline = deadline if deadline < total else total
+            scope.deadline = ex.deadline_at = deadline if deadline < total else total
             if not chunk:
                 continue
             if tee is not None:

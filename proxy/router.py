@@ -287,11 +287,15 @@ class Router:
                         headers = _header_map(resp.headers) if lease is not None or status >= 400 else {}
                         if lease is not None:
                             pool.observe(lease, status, headers, now, wallclock=time.time())  # type: ignore[union-attr]
+                        if status < 400:
+                            # A good head is not yet a good answer: the stream
+                            # behind it may still break. Judged when it ends.
+                            judged, permit = permit, None
+                            held.push_async_exit(_verdict(lane, judged, ex))
+                            return await self._deliver(ex, label, resp, stack, held)
                         # 5xx and 529 blame the target; 4xx (429 included) blame the request or a key.
                         lane.breaker.record(permit, status < 500, now)
                         permit = None
-                        if status < 400:
-                            return await self._deliver(ex, label, resp, stack, held)
                         if status == 429 and pool is not None and key_switches < len(pool.key_ids) - 1 and pool.soonest_available(now) == 0.0:
                             key_switches += 1  # another key has capacity: use it now
                             continue
@@ -337,6 +341,31 @@ class Router:
         ex.extra_headers.append((b"x-weir-target", label.encode()))
         await held.enter_async_context(stack.pop_all())
         return resp
+
+
+def _verdict(lane: Lane, permit: Any, ex: Exchange) -> Callable[..., Any]:
+    """The breaker's verdict on a response, taken when its body ends.
+
+    A body that broke (an ``UpstreamError`` out of the consumer, or a stream
+    the relay ended with an error event) or that stalled past the request's
+    deadline is the target's failure. A cancellation before that deadline —
+    the client hung up, a coalesced flight lost its last subscriber — says
+    nothing about the target: the permit is released without a verdict.
+    """
+
+    async def judge(exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        now = trio.current_time()
+        if exc_type is None:
+            lane.breaker.record(permit, not ex.error.startswith("upstream_"), now)
+        elif issubclass(exc_type, UpstreamError):
+            lane.breaker.record(permit, False, now)
+        elif issubclass(exc_type, trio.Cancelled) and now >= ex.deadline_at:
+            lane.breaker.record(permit, False, now)
+        else:
+            lane.breaker.release(permit, now)
+        return False  # never swallow what ended the body
+
+    return judge
 
 
 def _header_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:

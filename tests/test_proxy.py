@@ -412,3 +412,25 @@ async def test_a_bug_is_answered_in_anthropic_shape_with_the_request_id(monkeypa
     assert "Traceback" not in r.text and "simulated bug" not in r.text
     assert ok.status_code == 200
     assert any("simulated bug" in (rec.exc_text or str(rec.exc_info)) for rec in caplog.records if rec.exc_info)
+
+
+async def test_access_log_tells_a_completed_exchange_from_a_hang_up(autojump_clock: trio.testing.MockClock) -> None:
+    import io
+
+    from proxy.logs import AccessLog
+
+    lines = io.StringIO()
+    async with weir_and_mock() as (weir, mock):
+        weir.app.access, weir.app._access_on = AccessLog(lines), True
+        async with httpx.AsyncClient(base_url=weir.url, headers=KEY, timeout=None) as c:
+            assert (await c.post("/v1/messages", content=body())).status_code == 200
+            assert (await c.post("/v1/messages", content=body(stream=True))).status_code == 200
+        async with httpx.AsyncClient(base_url=weir.url, headers=KEY, timeout=None) as c:
+            with trio.move_on_after(5):
+                await c.post("/v1/messages", content=body(stream=True), headers={"x-mock-fault": "hang_after=2"})
+        with trio.fail_after(1):
+            await mock.wait_disconnect(1)
+        await trio.testing.wait_all_tasks_blocked()
+    records = [msgspec.json.decode(line) for line in lines.getvalue().splitlines()]
+    assert [(r["status"], r["outcome"]) for r in records] == [(200, "ok"), (200, "ok"), (200, "client_closed")]
+    assert all(r["request_id"].startswith("req_weir_") and r["logger"] == "weir.access" for r in records)

@@ -179,8 +179,12 @@ async def test_breaker_half_open_then_closed(autojump_clock: trio.testing.MockCl
             await trio.sleep(15)
             assert breaker.state(trio.current_time()).value == "half_open"
             assert (await c.post("/v1/messages", content=body())).status_code == 200
+            # A probe is judged when its body has ended on the server side,
+            # a moment after the client holds the whole reply.
+            await trio.testing.wait_all_tasks_blocked()
             assert breaker.state(trio.current_time()).value == "half_open"  # one lucky probe is not enough
             assert (await c.post("/v1/messages", content=body())).status_code == 200
+            await trio.testing.wait_all_tasks_blocked()
             assert breaker.state(trio.current_time()).value == "closed"
         nursery.cancel_scope.cancel()
 
@@ -350,3 +354,45 @@ async def test_a_head_timeout_counts_against_the_breaker_and_fails_over_next_tim
                 second = await c.post("/v1/messages", content=body(), headers={"x-mock-fault": ""})
     assert second.status_code == 200 and second.headers["x-weir-target"] == "fallback"
     assert primary.calls == 1 and fallback.calls == 1
+
+
+def _chain(p_url: str, f_url: str, **extra: object):  # type: ignore[no-untyped-def]
+    return make_settings(
+        None,
+        upstreams=[{"name": "primary", "url": p_url}, {"name": "fallback", "url": f_url}],
+        routes=[{"match": "*", "targets": ["primary", "fallback"]}],
+        breaker={"failure_threshold": 1},
+        **extra,
+    )
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "reset_after=3",  # the stream broke after a good head
+        "hang_after=3",  # the stream stalled past the idle deadline
+    ],
+)
+async def test_a_stream_that_breaks_after_its_head_counts_against_the_breaker(autojump_clock: trio.testing.MockClock, fault: str) -> None:
+    async with running_mock() as (primary, p_url), running_mock() as (fallback, f_url):
+        async with running_weir(_chain(p_url, f_url, deadlines={"idle_s": 20})) as weir:
+            async with httpx.AsyncClient(base_url=weir.url, headers=KEY, timeout=None) as c:
+                first = await c.post("/v1/messages", content=body(stream=True), headers={"x-mock-fault": fault})
+                assert first.status_code == 200 and b"event: error" in first.content
+                second = await c.post("/v1/messages", content=body())
+    assert second.headers["x-weir-target"] == "fallback"
+    assert primary.calls == 1
+
+
+async def test_a_client_hanging_up_mid_stream_does_not_count_against_the_breaker(autojump_clock: trio.testing.MockClock) -> None:
+    async with running_mock() as (primary, p_url), running_mock() as (fallback, f_url):
+        async with running_weir(_chain(p_url, f_url, deadlines={"idle_s": 20})) as weir:
+            async with httpx.AsyncClient(base_url=weir.url, headers=KEY, timeout=None) as c:
+                with trio.move_on_after(5):  # well inside the idle deadline
+                    await c.post("/v1/messages", content=body(stream=True), headers={"x-mock-fault": "hang_after=3"})
+            with trio.fail_after(1):
+                await primary.wait_disconnect(1)
+            async with httpx.AsyncClient(base_url=weir.url, headers=KEY, timeout=None) as c:
+                second = await c.post("/v1/messages", content=body())
+    assert second.status_code == 200 and second.headers["x-weir-target"] == "primary"
+    assert fallback.calls == 0
