@@ -84,8 +84,10 @@ def test_entry_refuses_errors_truncation_and_size() -> None:
 # ------------------------------------------------------------- hit / miss / bypass
 
 
-async def test_second_deterministic_request_is_a_byte_identical_hit() -> None:
-    async with weir_and_mock() as (weir, mock):
+@pytest.mark.parametrize("coalesce", [True, False])
+async def test_second_deterministic_request_is_a_byte_identical_hit(coalesce: bool) -> None:
+    # Both store paths: the coalescer's flight, and the plain recorded exchange.
+    async with weir_and_mock(cache={"l2": "none", "coalesce": coalesce}) as (weir, mock):
         async with httpx.AsyncClient() as client:
             data = det()
             first = await post(client, weir.url, data)
