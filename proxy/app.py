@@ -295,6 +295,11 @@ class Weir:
         body: bytes,
         ident: Identity,
     ) -> None:
+        cache = self.cache
+        if cache is not None:
+            ex.cache_plan = cache.plan(scope["path"], headers, body, ident, ex)
+            if ex.cache_plan is not None and await cache.answer(send, ex, ex.cache_plan):
+                return
         req = UpstreamRequest(
             method=scope["method"],
             path=scope["path"],

@@ -247,6 +247,33 @@ class CacheStage:
         self.coalescer = Coalescer(nursery) if settings.coalesce else None
         self.counts = {"hits": 0, "misses": 0, "coalesced": 0, "bypass": 0, "stored": 0, "not_stored": 0, "lease_waits": 0, "lease_fills": 0}
 
+    def plan(self, path: str, headers: Mapping[bytes, bytes], body: bytes, ident: Identity, ex: Exchange) -> Lookup | None:
+        """The cache's decision for a request, made once, before anything else is built."""
+        if path != CACHED_ROUTE:
+            return None
+        s = self.settings
+        lk = plan_lookup(path=path, headers=headers, body=body, tenant=ident.tenant, mode=s.mode, default_ttl=s.ttl_s, temperature=ex.temperature)
+        if lk is None:
+            self.counts["bypass"] += 1
+            ex.extra_headers.append(_BYPASS)
+        return lk
+
+    async def answer(self, send: Send, ex: Exchange, lk: Lookup) -> bool:
+        """Serve a hit, if there is one; False means go on to coalesce or call upstream.
+
+        The app asks this before it builds the upstream request and the
+        disconnect watcher: a hit never waits on an upstream, so it needs neither.
+        """
+        if not lk.read:
+            return False
+        found = await self.tiered.get(lk.key)
+        if found is None or (lk.max_age is not None and self._wall() - found[0].created_at > lk.max_age):
+            return False
+        self.counts["hits"] += 1
+        ex.extra_headers.append(_HIT)
+        await self._send_entry(send, ex, found[0])
+        return True
+
     # The `_exchange` callable the app passes in: it owns deadlines and relaying.
     async def respond(
         self,
@@ -258,23 +285,10 @@ class CacheStage:
         deadlines: Deadlines,
         exchange: Callable[..., Awaitable[None]],
     ) -> None:
-        if req.path != CACHED_ROUTE:
-            await exchange(send, ex, req, ident, deadlines)
-            return
-        s = self.settings
-        lk = plan_lookup(path=req.path, headers=headers, body=req.body, tenant=ident.tenant, mode=s.mode, default_ttl=s.ttl_s, temperature=ex.temperature)
+        lk = ex.cache_plan
         if lk is None:
-            self.counts["bypass"] += 1
-            ex.extra_headers.append(_BYPASS)
             await exchange(send, ex, req, ident, deadlines)
             return
-        if lk.read:
-            found = await self.tiered.get(lk.key)
-            if found is not None and (lk.max_age is None or self._wall() - found[0].created_at <= lk.max_age):
-                self.counts["hits"] += 1
-                ex.extra_headers.append(_HIT)
-                await self._send_entry(send, ex, found[0])
-                return
         if self.coalescer is not None:
             await exchange(send, ex, req, ident, deadlines, opener=self._joiner(lk, headers))
             return

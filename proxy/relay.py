@@ -79,6 +79,8 @@ class Exchange:
     deadline_at: float = math.inf
     # The envelope's temperature, for the cache policy; ``...`` = not read.
     temperature: Any = ...
+    # The cache's plan for this request (a ``proxy.caching.Lookup``), or None: bypass.
+    cache_plan: Any = None
     metered: bool = False
     meter: UsageMeter | None = None
     own_ratelimit: bool = False
