@@ -9,12 +9,14 @@ wrk at each. Levels:
   and every hit is read (and decoded) from the shared level.
 
 Run: ``.venv/bin/python -m loadtests.bench_cache [--duration 5] [--connections 64]``.
-Redis is skipped when 127.0.0.1:6379 does not answer.
+Redis is skipped when 127.0.0.1:6379 does not answer. The server under test
+runs alone on core 0; this process, wrk and the mock share core 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import tempfile
 from pathlib import Path
@@ -23,7 +25,7 @@ import httpx
 import msgspec
 import trio
 
-from loadtests.bench import ROOT, VENV_BIN, Server, _free_port, _weir_env, lua_script, run_wrk
+from loadtests.bench import ROOT, VENV_BIN, Server, _free_port, _pin, _tree, _weir_env, lua_script, run_wrk
 
 _BODY = msgspec.json.encode({"model": "claude-sonnet-4-5", "max_tokens": 64, "temperature": 0, "messages": [{"role": "user", "content": "bench the cache"}]})
 _HEADERS = {"x-api-key": "sk-bench", "anthropic-version": "2023-06-01", "content-type": "application/json"}
@@ -58,8 +60,13 @@ async def main_async(duration: float, connections: int) -> dict:
     floor_script.write_text(lua_script(str(body_path), "/", {}))
     results: dict = {}
     async with trio.open_nursery() as nursery:
+        # As loadtests/bench does: the server under test alone on core 0;
+        # this process, wrk and the mock on core 1 (2-core machine).
+        os.sched_setaffinity(0, {1})
         await mock.start(nursery)
+        _pin(await trio.to_thread.run_sync(_tree, mock.pid), 1)
         await floor.start(nursery)
+        _pin(await trio.to_thread.run_sync(_tree, floor.pid), 0)
         floor_res = await run_wrk(f"http://127.0.0.1:{floor_port}", floor_script, connections, duration)
         results["floor"] = {"rps": floor_res.rps, "p99_ms": floor_res.p99_ms}
         print(f"floor: {floor_res.rps:,.0f} req/s p99 {floor_res.p99_ms:.1f} ms", flush=True)
@@ -68,6 +75,7 @@ async def main_async(duration: float, connections: int) -> dict:
             w = Server(name, [py, "-m", "proxy.cli", "serve", "--port", str(port), "--workers", "1", "--upstream", mock_url],
                        {**env, **extra}, tmp / f"weir-{name.replace(' ', '-')}.log", f"http://127.0.0.1:{port}/ready")
             await w.start(nursery)
+            _pin(await trio.to_thread.run_sync(_tree, w.pid), 0)
             url = f"http://127.0.0.1:{port}"
             async with httpx.AsyncClient() as client:
                 marks = []
@@ -94,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=64)  # ARCHITECTURE.md's reference load
     ns = p.parse_args(argv)
     out = trio.run(main_async, ns.duration, ns.connections)
+    results = ROOT / "loadtests" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "cache-latest.json").write_bytes(msgspec.json.format(msgspec.json.encode(out)))
     print(msgspec.json.encode(out).decode())
     return 0
 
