@@ -344,7 +344,7 @@ class CacheStage:
                 await self._fly(flight, lk, req, ident, deadlines)
 
             assert self.coalescer is not None
-            async with self.coalescer.subscribe(fkey, fetch, deadline=deadlines.total) as (resp, flight, leader):
+            async with self.coalescer.subscribe(fkey, fetch, deadline=deadlines.total, limit=self.settings.max_entry_bytes) as (resp, flight, leader):
                 # Any subscriber that wants the reply stored gets it stored, for
                 # the shortest lifetime any of them asked for.
                 if lk.write:

@@ -27,8 +27,11 @@ A subscriber that joins late, or falls behind, gets everything it has not
 seen yet joined into one chunk: one ASGI send instead of one per upstream
 read (ARCHITECTURE.md: each send costs ~0.1 ms on Hypercorn's trio worker).
 
-The flight keeps every chunk until it ends, because a subscriber may join at
-any time and must start from byte 0; a flight's memory is its reply's size.
+A flight keeps every chunk, because a subscriber may join at any time and
+must start from byte 0 — up to ``limit`` bytes (the largest reply the cache
+would store). Past it the flight is *sealed*: newcomers start a flight of
+their own, and chunks every current subscriber has read are dropped, so a
+long stream costs what its slowest reader lags behind, not its whole size.
 """
 
 from __future__ import annotations
@@ -56,16 +59,20 @@ class Flight:
     """
 
     __slots__ = (
-        "key", "status", "headers", "chunks", "size", "done", "complete", "error", "failure",
-        "subscribers", "scope", "target", "from_cache", "write", "ttl", "_changed",
+        "key", "status", "headers", "chunks", "base", "size", "limit", "sealed", "readers", "done", "complete",
+        "error", "failure", "subscribers", "scope", "target", "from_cache", "write", "ttl", "_changed",
     )
 
-    def __init__(self, key: str, deadline: float) -> None:
+    def __init__(self, key: str, deadline: float, limit: int | None = None) -> None:
         self.key = key
         self.status: int | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: list[bytes] = []
+        self.base = 0  # absolute index of chunks[0]: chunks before it were read by all and dropped
         self.size = 0
+        self.limit = limit
+        self.sealed = False  # over the limit: no new subscribers, read chunks are dropped
+        self.readers: list[FlightResponse] = []
         self.done = False
         self.complete = False  # the body ended normally (not cut, not failed)
         self.error: ProxyError | None = None  # failed before the head
@@ -96,7 +103,18 @@ class Flight:
         if chunk:
             self.chunks.append(chunk)
             self.size += len(chunk)
+            if not self.sealed and self.limit is not None and self.size > self.limit:
+                self.sealed = True
+            if self.sealed:
+                self._trim()
             self._wake()
+
+    def _trim(self) -> None:
+        low = min((r.seen for r in self.readers), default=self.base + len(self.chunks))
+        drop = low - self.base
+        if drop > 0:
+            del self.chunks[:drop]
+            self.base = low
 
     def finish(self) -> None:
         self.complete = True
@@ -123,12 +141,14 @@ class Flight:
 class FlightResponse:
     """A subscriber's view of a flight, shaped like ``UpstreamResponse``."""
 
-    __slots__ = ("_flight", "status", "headers")
+    __slots__ = ("_flight", "status", "headers", "seen")
 
     def __init__(self, flight: Flight) -> None:
         self._flight = flight
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        self.seen = 0  # absolute chunk index this reader has reached
+        flight.readers.append(self)
 
     async def wait_head(self) -> None:
         f = self._flight
@@ -142,12 +162,12 @@ class FlightResponse:
 
     async def aiter(self) -> AsyncIterator[bytes]:
         f = self._flight
-        seen = 0
         while True:
-            have = len(f.chunks)
-            if seen < have:
-                chunk = f.chunks[seen] if have - seen == 1 else b"".join(f.chunks[seen:have])
-                seen = have
+            have = f.base + len(f.chunks)
+            if self.seen < have:
+                start = self.seen - f.base  # never negative: trimming waits for the slowest reader
+                chunk = f.chunks[start] if have - self.seen == 1 else b"".join(f.chunks[start:])
+                self.seen = have
                 yield chunk
                 continue
             if f.done:
@@ -183,20 +203,26 @@ class Coalescer:
         return self._flights.get(key)
 
     @asynccontextmanager
-    async def subscribe(self, key: str, fetch: Fetch, *, deadline: float) -> AsyncIterator[tuple[FlightResponse, Flight, bool]]:
+    async def subscribe(
+        self, key: str, fetch: Fetch, *, deadline: float, limit: int | None = None
+    ) -> AsyncIterator[tuple[FlightResponse, Flight, bool]]:
         """Join the flight for ``key``, starting it with ``fetch`` if none is
-        up; yields (response, flight, is_leader). Leaving the block
-        unsubscribes; the last subscriber out cancels an unfinished flight."""
+        up (or the one up is sealed); yields (response, flight, is_leader).
+        Leaving the block unsubscribes; the last subscriber out cancels an
+        unfinished flight. ``limit``: see the module docstring."""
         flight = self._flights.get(key)
-        leader = flight is None
-        if flight is None:
-            flight = self._flights[key] = Flight(key, deadline)
+        leader = flight is None or flight.sealed
+        if leader:
+            flight = self._flights[key] = Flight(key, deadline, limit)
             self.flights_started += 1
             self._nursery.start_soon(self._run, flight, fetch)
+        assert flight is not None
         flight.subscribers += 1
+        reader = FlightResponse(flight)
         try:
-            yield FlightResponse(flight), flight, leader
+            yield reader, flight, leader
         finally:
+            flight.readers.remove(reader)
             flight.subscribers -= 1
             if flight.subscribers == 0 and not flight.done:
                 flight.scope.cancel()

@@ -142,3 +142,75 @@ async def test_workers_sharing_sqlite_coalesce_through_the_lease(tmp_path) -> No
             assert len({r.content for r in replies}) == 1 and all(r.status_code == 200 for r in replies)
             assert {r.headers["x-weir-cache"] for r in got["two"]} == {"coalesced"}
             assert (await two.app.cache.stats())["requests"]["lease_fills"] == 1
+
+
+# ----------------------------------------------------------- sealed flights (unit)
+
+
+async def test_a_flight_past_its_limit_drops_what_every_reader_has_read() -> None:
+    from proxy.coalesce import Coalescer, Flight
+
+    release = trio.Event()
+
+    async def fetch(flight: Flight) -> None:
+        flight.start(200, [(b"content-type", b"text/event-stream")])
+        for i in range(10):
+            flight.push(b"%05d" % i)  # 5 bytes a chunk, limit 12: sealed at the third
+            await trio.sleep(0)
+            if i == 4:
+                await release.wait()
+        flight.finish()
+
+    async with trio.open_nursery() as nursery:
+        co = Coalescer(nursery)
+        async with co.subscribe("k", fetch, deadline=trio.current_time() + 60, limit=12) as (fast, flight, leader):
+            assert leader
+            async with co.subscribe("k", fetch, deadline=trio.current_time() + 60, limit=12) as (slow, same, follower_leads):
+                assert same is flight and not follower_leads
+                await fast.wait_head()
+                got_fast = b""
+                async for chunk in fast.aiter():
+                    got_fast += chunk
+                    if len(got_fast) >= 25:
+                        break
+                # The slow reader has read nothing: nothing may be dropped yet.
+                assert flight.sealed and flight.base == 0 and len(flight.chunks) == 5
+                # Sealed: a newcomer gets a flight of its own.
+                async with co.subscribe("k", fetch, deadline=trio.current_time() + 60, limit=12) as (_, other, newcomer_leads):
+                    assert newcomer_leads and other is not flight
+                await slow.wait_head()
+                got_slow = b""
+                release.set()
+                async for chunk in slow.aiter():
+                    got_slow += chunk
+                async for chunk in fast.aiter():
+                    got_fast += chunk
+                assert got_slow == got_fast == b"".join(b"%05d" % i for i in range(10))
+                # Both readers reached the end: everything before it was dropped on the way.
+                assert flight.base > 0 and flight.size == 50
+
+
+async def test_an_unsealed_flight_keeps_every_chunk_for_late_joiners() -> None:
+    from proxy.coalesce import Coalescer, Flight
+
+    go = trio.Event()
+
+    async def fetch(flight: Flight) -> None:
+        flight.start(200, [])
+        flight.push(b"abc")
+        await go.wait()
+        flight.push(b"def")
+        flight.finish()
+
+    async with trio.open_nursery() as nursery:
+        co = Coalescer(nursery)
+        async with co.subscribe("k", fetch, deadline=trio.current_time() + 60, limit=1000) as (first, flight, _):
+            await first.wait_head()
+            async for chunk in first.aiter():
+                assert chunk == b"abc"
+                break
+            async with co.subscribe("k", fetch, deadline=trio.current_time() + 60, limit=1000) as (late, same, leads):
+                assert same is flight and not leads
+                go.set()
+                await late.wait_head()
+                assert b"".join([c async for c in late.aiter()]) == b"abcdef"  # from byte 0
