@@ -257,10 +257,20 @@ class Router:
                     error: UpstreamError | None = None
                     resp: UpstreamResponse | None = None
                     # The caller's cancel scope carries the first-byte deadline;
-                    # a second scope here would only repeat it.
+                    # a scope of our own only when a per-try budget is shorter.
+                    per_try = self.settings.deadlines.per_try_first_byte_s
+                    try_expired = False
                     try:
-                        raw = await stack.enter_async_context(lane.target.open(leg.request, credentials=credentials))
-                        resp = await wrap(leg, raw)
+                        if per_try > 0 and not last:
+                            with trio.move_on_at(min(head_deadline, trio.current_time() + per_try)) as try_scope:
+                                raw = await stack.enter_async_context(lane.target.open(leg.request, credentials=credentials))
+                                resp = await wrap(leg, raw)
+                            if try_scope.cancelled_caught:
+                                try_expired = True
+                                error = UpstreamError("timeout", f"no response head within the per-try budget of {per_try:g} s")
+                        else:
+                            raw = await stack.enter_async_context(lane.target.open(leg.request, credentials=credentials))
+                            resp = await wrap(leg, raw)
                     except UpstreamError as exc:
                         error = exc
                     except trio.Cancelled:
@@ -278,8 +288,8 @@ class Router:
                         kind = error.kind if error.kind in ("connect", "timeout", "reset") else "reset"
                         outcome = Outcome(kind)  # type: ignore[arg-type]
                         failures.note(_RANK_UNREACHABLE, upstream_failure(error, label))
-                        if kind == "connect" and not last:
-                            return None
+                        if (kind == "connect" or try_expired) and not last:
+                            return None  # a refused or stuck target: the next one, now
                     else:
                         status = resp.status
                         # Decoded only when read: the common case (a success

@@ -68,6 +68,11 @@ class DeadlineSettings(_Base):
     # How long a stream may go without a byte before it is treated as hung.
     # Anthropic sends a ping at least every ~15 s during long thinking.
     idle_s: float = 120.0
+    # Per-attempt budget for the response head when a route has a next target
+    # (Envoy's per_try_timeout): past it, fail over instead of waiting out
+    # first_byte_s on a stuck target. 0 = off: long thinking can legitimately
+    # hold a head for minutes, so only a route's owner can say what "stuck" is.
+    per_try_first_byte_s: float = 0.0
 
 
 class UpstreamSettings(_Base):
@@ -313,6 +318,8 @@ def _validate(s: Settings) -> None:
     for field in ("connect_s", "first_byte_s", "total_s", "idle_s"):
         if getattr(d, field) <= 0:
             raise SettingsError(f"deadlines.{field} must be positive")
+    if d.per_try_first_byte_s < 0:
+        raise SettingsError("deadlines.per_try_first_byte_s must be 0 (off) or positive")
 
 
 def is_loopback(host: str) -> bool:

@@ -396,3 +396,18 @@ async def test_a_client_hanging_up_mid_stream_does_not_count_against_the_breaker
                 second = await c.post("/v1/messages", content=body())
     assert second.status_code == 200 and second.headers["x-weir-target"] == "primary"
     assert fallback.calls == 0
+
+
+async def test_per_try_budget_fails_over_from_a_stuck_target(autojump_clock: trio.testing.MockClock) -> None:
+    async with running_mock(latency_ms=600_000) as (stuck, s_url), running_mock() as (fallback, f_url):
+        settings = _chain(s_url, f_url, deadlines={"first_byte_s": 60, "per_try_first_byte_s": 5})
+        async with running_weir(settings) as weir:
+            async with httpx.AsyncClient(base_url=weir.url, headers=KEY, timeout=None) as c:
+                start = trio.current_time()
+                r = await c.post("/v1/messages", content=body())
+                took = trio.current_time() - start
+            with trio.fail_after(1):
+                await stuck.wait_disconnect(1)  # the stuck call was abandoned, not left open
+    assert r.status_code == 200 and r.headers["x-weir-target"] == "fallback"
+    assert 5 <= took < 6  # one per-try budget, not the 60 s first-byte deadline
+    assert stuck.calls == 1 and fallback.calls == 1
