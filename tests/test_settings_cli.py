@@ -105,7 +105,9 @@ def test_sigterm_drains_in_flight_streams_then_exits(tmp_path: Path) -> None:
     """
     port = _free_port()
     cfg = tmp_path / "weir.toml"
-    cfg.write_text("[server]\ndrain_s = 20\ndrain_notice_s = 0.6\naccess_log = false\n[cache]\nl2 = 'none'\n")
+    # Otherwise the embedded defaults, as README's first command runs them:
+    # the built-in mock, and the L2 cache in a SQLite file in the working directory.
+    cfg.write_text("[server]\ndrain_s = 20\ndrain_notice_s = 0.6\naccess_log = false\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port), "--config", str(cfg)],
@@ -114,6 +116,10 @@ def test_sigterm_drains_in_flight_streams_then_exits(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, proc)
+        det = b'{"model":"m","max_tokens":8,"temperature":0,"messages":[{"role":"user","content":"cache me"}]}'
+        first = httpx.post(url + "/v1/messages", content=det, headers={"x-api-key": "k"}, timeout=10)
+        second = httpx.post(url + "/v1/messages", content=det, headers={"x-api-key": "k"}, timeout=10)
+        assert (first.headers["x-weir-cache"], second.headers["x-weir-cache"]) == ("miss", "hit")
         headers = {"x-api-key": "k", "x-mock-fault": "slow=60"}  # ~16 events, ~1 s
         req = b'{"model":"m","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}'
         with httpx.Client(base_url=url, timeout=30) as client:
@@ -138,6 +144,7 @@ def test_sigterm_drains_in_flight_streams_then_exits(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    assert (tmp_path / "weir-cache.db").exists()  # the deterministic reply reached L2
     err = proc.stderr.read().decode() if proc.stderr else ""
     assert "built-in mock upstream" in err.splitlines()[0]  # says so in its first log line
     assert "draining" in err
