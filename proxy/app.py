@@ -6,8 +6,9 @@ callables looked up in a dict; health, readiness and the admin API are a
 Quart-Trio app, where the convenience is worth more than the microseconds.
 
 The lifespan owns the one nursery every background task of this worker runs
-in (mock upstream, probes, cache writes); it also owns the upstream clients
-and closes them after the server stopped sending requests.
+in (the built-in mock, the cache's flights and L2 writes, the Redis clients
+of the cache and the rate limiter); it also owns the upstream pools and
+closes them after the server stopped sending requests.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from .auth import Authenticator, Identity
 from .caching import CacheStage, serve_cache
 from .envelope import decode_count_tokens, decode_messages
 from .errors import ProxyError
-from .logs import AccessLog, AccessRecord
 from .headers import request_id, upstream_request_headers
+from .logs import AccessLog, AccessRecord
 from .relay import (
     Deadlines,
     Exchange,
@@ -36,10 +37,10 @@ from .relay import (
 )
 from .ratelimit import LocalRateLimiter, RedisRateLimiter, serve_ratelimiter
 from .router import Router
-from .usage import estimate_input_tokens
 from .settings import Settings
 from .upstream import Target, UpstreamError, UpstreamRequest
 from .upstream.adapters import count_tokens_locally, decode_chat, openai_error_send
+from .usage import estimate_input_tokens
 
 __all__ = ["Weir", "build_app"]
 
