@@ -9,6 +9,7 @@ that ends stops them.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -77,6 +78,13 @@ async def weir_and_mock(mock: dict[str, Any] | None = None, environ: dict[str, s
     async with running_mock(**(mock or {})) as (upstream, url):
         async with running_weir(make_settings(url, **sections), environ=environ) as weir:
             yield weir, upstream
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on: connecting to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def body(**fields: Any) -> bytes:

@@ -20,7 +20,7 @@ from cache import Entry, encode_entry
 from proxy.caching import build_entry, plan_lookup, replay
 from proxy.sse import SSEParser
 
-from .harness import body, make_settings, running_mock, running_weir, weir_and_mock
+from .harness import body, closed_port, make_settings, running_mock, running_weir, weir_and_mock
 
 KEY = {"x-api-key": "sk-client", "anthropic-version": "2023-06-01"}
 ADMIN = {"x-api-key": "admin-secret"}
@@ -255,14 +255,8 @@ async def test_redis_l2(redis_url: str) -> None:
                 assert (await two.app.cache.stats())["l2"]["hits"] >= 1
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_redis_down_still_serves_from_l1(caplog) -> None:
-    cache = {"l2": "redis", "redis_url": f"redis://127.0.0.1:{_closed_port()}/0"}
+    cache = {"l2": "redis", "redis_url": f"redis://127.0.0.1:{closed_port()}/0"}
     async with weir_and_mock(cache=cache) as (weir, mock):
         async with httpx.AsyncClient() as client:
             data = det()

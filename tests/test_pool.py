@@ -12,7 +12,7 @@ from proxy.upstream import pool as pool_module
 from proxy.upstream.base import UpstreamError
 from proxy.upstream.pool import ConnectionPool
 
-from .harness import body, running_mock
+from .harness import body, closed_port, running_mock
 
 
 async def _collect(resp) -> bytes:  # type: ignore[no-untyped-def]
@@ -95,11 +95,7 @@ async def test_stale_connection_is_retried_once_on_a_fresh_one(monkeypatch: pyte
 
 
 async def test_refused_connection_is_a_connect_error() -> None:
-    sock = trio.socket.socket()
-    await sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    pool = ConnectionPool(f"http://127.0.0.1:{port}", connect_timeout=5, keepalive_expiry=50)
+    pool = ConnectionPool(f"http://127.0.0.1:{closed_port()}", connect_timeout=5, keepalive_expiry=50)
     with pytest.raises(UpstreamError) as info:
         await pool.request(b"GET", b"/", [], b"")
     assert info.value.kind == "connect"

@@ -14,7 +14,7 @@ import trio.testing
 
 from proxy.sse import SSEParser
 
-from .harness import CLAUDE_CODE_BETA, body, claude_code_body, running_mock, running_weir, make_settings, weir_and_mock
+from .harness import CLAUDE_CODE_BETA, body, claude_code_body, closed_port, make_settings, running_mock, running_weir, weir_and_mock
 
 KEY = {"x-api-key": "sk-client", "anthropic-version": "2023-06-01"}
 
@@ -250,11 +250,7 @@ async def test_non_anthropic_upstream_error_is_wrapped() -> None:
 
 
 async def test_connection_refused_is_502() -> None:
-    sock = trio.socket.socket()
-    await sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()  # nothing listens there now
-    async with running_weir(make_settings(f"http://127.0.0.1:{port}")) as weir:
+    async with running_weir(make_settings(f"http://127.0.0.1:{closed_port()}")) as weir:
         async with httpx.AsyncClient(base_url=weir.url, headers=KEY) as c:
             r = await c.post("/v1/messages", content=body())
     is_anthropic_error(r, 502, "api_error")

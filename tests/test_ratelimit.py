@@ -14,6 +14,8 @@ import trio.testing
 
 from proxy.ratelimit import Decision, Limits, LocalRateLimiter, RedisRateLimiter, TokenBucket, rfc3339
 
+from .harness import closed_port
+
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 WALL0 = 1_750_000_000.0  # a fixed wall clock: 2025-06-15T15:06:40Z
 
@@ -188,19 +190,13 @@ async def test_redis_debt_is_shared_and_settle_charges_it(redis_url):
         await rl._client.delete([prefix + "small"])
 
 
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there any more
-    return port
 
 
 async def test_redis_down_fails_open_with_counted_rate_limited_log(caplog):
     caplog.set_level(logging.WARNING, logger="proxy.ratelimit")
     now = [0.0]
     async with RedisRateLimiter.connect(
-        f"redis://127.0.0.1:{_closed_port()}/0",
+        f"redis://127.0.0.1:{closed_port()}/0",
         LIMITS,
         default=DEFAULT,
         wall_clock=lambda: WALL0,

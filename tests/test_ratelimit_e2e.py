@@ -9,7 +9,7 @@ import trio
 import trio.testing
 import pytest
 
-from .harness import body, running_mock, running_weir, make_settings, weir_and_mock
+from .harness import body, closed_port, make_settings, running_mock, running_weir, weir_and_mock
 
 
 
@@ -80,11 +80,7 @@ async def test_redis_budget_is_shared_by_two_weir_instances(redis_url: str) -> N
 
 
 async def test_redis_down_fails_open() -> None:
-    sock = trio.socket.socket()
-    await sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    async with weir_and_mock(ratelimit={"requests_per_minute": 1, "redis_url": f"redis://127.0.0.1:{port}/0"}) as (weir, mock):
+    async with weir_and_mock(ratelimit={"requests_per_minute": 1, "redis_url": f"redis://127.0.0.1:{closed_port()}/0"}) as (weir, mock):
         async with httpx.AsyncClient(base_url=weir.url, headers=_key()) as c:
             codes = [(await c.post("/v1/messages", content=body())).status_code for _ in range(3)]
     assert codes == [200, 200, 200]  # a limiter outage is not a gateway outage

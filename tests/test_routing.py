@@ -18,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from .harness import body, make_settings, running_mock, running_weir
+from .harness import body, closed_port, make_settings, running_mock, running_weir
 
 KEY = {"x-api-key": "sk-client", "anthropic-version": "2023-06-01"}
 ADMIN = {"x-api-key": "admin-secret"}
@@ -98,11 +98,7 @@ def _error(status: int, type_: str) -> bytes:
 
 
 def closed_port_url() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens: connections are refused at once
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{closed_port()}"
 
 
 # ------------------------------------------------------------ failover & breaker
