@@ -43,7 +43,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from .errors import ProxyError
-from .upstream.base import UpstreamError
+from .upstream.base import UpstreamError, read_up_to
 
 __all__ = ["Coalescer", "Flight", "FlightResponse"]
 
@@ -179,14 +179,7 @@ class FlightResponse:
             await f.changed()
 
     async def read(self, limit: int) -> bytes:
-        parts: list[bytes] = []
-        size = 0
-        async for chunk in self.aiter():
-            parts.append(chunk)
-            size += len(chunk)
-            if size >= limit:
-                break
-        return b"".join(parts)[:limit]
+        return await read_up_to(self.aiter(), limit)
 
 
 Fetch = Callable[[Flight], Awaitable[None]]

@@ -45,7 +45,7 @@ from ..translate import (
     openai_request_to_anthropic,
     openai_response_to_anthropic,
 )
-from .base import UpstreamError, UpstreamRequest, UpstreamResponse
+from .base import UpstreamError, UpstreamRequest, UpstreamResponse, read_up_to
 
 __all__ = [
     "Leg",
@@ -153,8 +153,7 @@ class _TranslatedStream:
             yield b"".join(out)
 
     async def read(self, limit: int) -> bytes:
-        parts = [c async for c in self.aiter()]
-        return b"".join(parts)[:limit]
+        return await read_up_to(self.aiter(), limit)
 
 
 # ------------------------------------------------------------------ requests

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["UpstreamRequest", "UpstreamResponse", "UpstreamError"]
+__all__ = ["UpstreamRequest", "UpstreamResponse", "UpstreamError", "read_up_to"]
 
 
 @dataclass(slots=True)
@@ -49,6 +49,22 @@ class UpstreamResponse(Protocol):
         ...
 
     async def read(self, limit: int) -> bytes: ...
+
+
+async def read_up_to(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """At most ``limit`` bytes of a body, reading no further than needed.
+
+    Every response kind's ``read`` is this over its own ``aiter``: error
+    bodies and whole replies are read whole, but never without a bound.
+    """
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        parts.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return b"".join(parts)[:limit]
 
 
 class UpstreamError(Exception):

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
-from .base import UpstreamError
+from .base import UpstreamError, read_up_to
 
 __all__ = ["ConnectionPool", "PooledResponse"]
 
@@ -110,14 +110,7 @@ class PooledResponse:
                 return
 
     async def read(self, limit: int) -> bytes:
-        out: list[bytes] = []
-        size = 0
-        async for chunk in self.aiter():
-            out.append(chunk)
-            size += len(chunk)
-            if size >= limit:
-                break
-        return b"".join(out)[:limit]
+        return await read_up_to(self.aiter(), limit)
 
     @property
     def complete(self) -> bool:
