@@ -80,6 +80,20 @@ async def weir_and_mock(mock: dict[str, Any] | None = None, environ: dict[str, s
             yield weir, upstream
 
 
+async def read_head(stream: trio.abc.ReceiveStream, buf: bytes = b"") -> tuple[bytes, bytes] | None:
+    """One request head off a raw socket, for the tests' hand-made servers.
+
+    Returns (head, bytes that followed it), or None when the peer closed first.
+    """
+    while b"\r\n\r\n" not in buf:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return None
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
+
+
 def closed_port() -> int:
     """A loopback port nobody listens on: connecting to it is refused at once."""
     with socket.socket() as s:
@@ -91,6 +105,29 @@ def body(**fields: Any) -> bytes:
     base: dict[str, Any] = {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": "hello"}]}
     base.update(fields)
     return msgspec.json.encode(base)
+
+
+async def anthropic_sdk_round_trip(client: Any) -> None:
+    """The official SDK's three ways in — create, the stream helper, tools — against
+    whatever upstream Weir fronts: three upstream calls, each checked as a client would."""
+    msg = await client.messages.create(model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi"}])
+    assert msg.role == "assistant" and msg.model == "claude-sonnet-4-5"
+    assert msg.content[0].type == "text" and msg.content[0].text
+    assert msg.usage.output_tokens > 0
+    async with client.messages.stream(model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi"}]) as stream:
+        pieces = [t async for t in stream.text_stream]
+        final = await stream.get_final_message()
+    assert "".join(pieces) == final.content[0].text and pieces
+    assert final.stop_reason == "end_turn"
+    # Tools: the SDK sees a tool_use block whose input parses.
+    tools = [{"name": "get_weather", "description": "weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+    async with client.messages.stream(
+        model="claude-sonnet-4-5", max_tokens=64, tools=tools, tool_choice={"type": "any"}, messages=[{"role": "user", "content": "weather in Paris?"}]
+    ) as stream:
+        final = await stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    use = [b for b in final.content if b.type == "tool_use"][0]
+    assert use.name == "get_weather" and isinstance(use.input, dict)
 
 
 CLAUDE_CODE_BETA = (

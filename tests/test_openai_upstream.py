@@ -12,7 +12,7 @@ import msgspec
 
 from proxy.translate import validate_anthropic_stream
 
-from .harness import CLAUDE_CODE_BETA, body, claude_code_body, make_settings, running_mock, running_weir
+from .harness import CLAUDE_CODE_BETA, anthropic_sdk_round_trip, body, claude_code_body, make_settings, running_mock, running_weir
 
 KEY = {"x-api-key": "sk-client", "anthropic-version": "2023-06-01"}
 
@@ -43,28 +43,8 @@ async def test_anthropic_sdk_against_openai_upstream() -> None:
     async with running_mock() as (mock, url), running_weir(openai_settings(url)) as weir:
         client = anthropic.AsyncAnthropic(base_url=weir.url, api_key="sk-client", max_retries=0)
         async with client:
-            await _sdk_checks(client)
+            await anthropic_sdk_round_trip(client)
         assert mock.calls == 3
-
-
-async def _sdk_checks(client: anthropic.AsyncAnthropic) -> None:
-    msg = await client.messages.create(model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi"}])
-    assert msg.model == "claude-sonnet-4-5" and msg.content[0].type == "text" and msg.content[0].text
-    assert msg.usage.output_tokens > 0
-    async with client.messages.stream(model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi"}]) as stream:
-        pieces = [t async for t in stream.text_stream]
-        final = await stream.get_final_message()
-    assert "".join(pieces) == final.content[0].text and pieces
-    assert final.stop_reason == "end_turn"
-    # Tools: the SDK sees a tool_use block whose input parses.
-    tools = [{"name": "get_weather", "description": "weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
-    async with client.messages.stream(
-        model="claude-sonnet-4-5", max_tokens=64, tools=tools, tool_choice={"type": "any"}, messages=[{"role": "user", "content": "weather in Paris?"}]
-    ) as stream:
-        final = await stream.get_final_message()
-    assert final.stop_reason == "tool_use"
-    use = [b for b in final.content if b.type == "tool_use"][0]
-    assert use.name == "get_weather" and isinstance(use.input, dict)
 
 
 async def test_errors_midstream_and_status_are_anthropic_shaped() -> None:

@@ -12,7 +12,7 @@ from proxy.upstream import pool as pool_module
 from proxy.upstream.base import UpstreamError
 from proxy.upstream.pool import ConnectionPool
 
-from .harness import body, closed_port, running_mock
+from .harness import body, closed_port, read_head, running_mock
 
 
 async def _collect(resp) -> bytes:  # type: ignore[no-untyped-def]
@@ -48,12 +48,8 @@ async def _closing_server(accepted: list[int], task_status: trio.TaskStatus[int]
 
     async def handler(stream: trio.SocketStream) -> None:
         accepted.append(1)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                return
-            data += chunk
+        if await read_head(stream) is None:
+            return
         await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
         await stream.aclose()
 
@@ -141,12 +137,10 @@ async def test_tls_upstream_with_keep_alive() -> None:
         buf = b""
         try:
             while True:
-                while b"\r\n\r\n" not in buf:
-                    chunk = await stream.receive_some(65536)
-                    if not chunk:
-                        return
-                    buf += chunk
-                head, _, buf = buf.partition(b"\r\n\r\n")
+                got = await read_head(stream, buf)
+                if got is None:
+                    return
+                head, buf = got
                 assert b"host: localhost:" in head.lower()
                 await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecure")
         except trio.BrokenResourceError:

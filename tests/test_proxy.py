@@ -14,7 +14,7 @@ import trio.testing
 
 from proxy.sse import SSEParser
 
-from .harness import CLAUDE_CODE_BETA, body, claude_code_body, closed_port, make_settings, running_mock, running_weir, weir_and_mock
+from .harness import CLAUDE_CODE_BETA, anthropic_sdk_round_trip, body, claude_code_body, closed_port, make_settings, read_head, running_mock, running_weir, weir_and_mock
 
 KEY = {"x-api-key": "sk-client", "anthropic-version": "2023-06-01"}
 
@@ -38,15 +38,7 @@ def is_anthropic_error(resp: httpx.Response, status: int, type_: str | None = No
 async def test_anthropic_sdk_create_and_stream() -> None:
     async with weir_and_mock() as (weir, mock):
         client = anthropic.AsyncAnthropic(base_url=weir.url, api_key="sk-client", max_retries=0)
-        msg = await client.messages.create(model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi"}])
-        assert msg.role == "assistant" and msg.content[0].type == "text" and msg.content[0].text
-        assert msg.usage.output_tokens > 0
-
-        async with client.messages.stream(model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi"}]) as stream:
-            pieces = [text async for text in stream.text_stream]
-            final = await stream.get_final_message()
-        assert "".join(pieces) == final.content[0].text
-        assert final.stop_reason == "end_turn"
+        await anthropic_sdk_round_trip(client)
 
         # The raw event iterator sees the same sequence the upstream sent.
         events = []
@@ -56,7 +48,7 @@ async def test_anthropic_sdk_create_and_stream() -> None:
             async for ev in raw:
                 events.append(ev.type)
         assert events[0] == "message_start" and events[-1] == "message_stop"
-        assert mock.calls == 3
+        assert mock.calls == 4
 
 
 async def test_sdk_errors_map_to_sdk_exceptions() -> None:
@@ -226,9 +218,8 @@ async def _html_upstream(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IG
     """An upstream behind a misbehaving load balancer: HTML error pages."""
 
     async def handler(stream: trio.SocketStream) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += await stream.receive_some(65536)
+        if await read_head(stream) is None:
+            return
         page = b"<html><body>502 Bad Gateway</body></html>"
         await stream.send_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/html\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (len(page), page))
         await stream.aclose()

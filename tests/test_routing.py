@@ -18,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from .harness import body, closed_port, make_settings, running_mock, running_weir
+from .harness import body, closed_port, make_settings, read_head, running_mock, running_weir
 
 KEY = {"x-api-key": "sk-client", "anthropic-version": "2023-06-01"}
 ADMIN = {"x-api-key": "admin-secret"}
@@ -66,14 +66,11 @@ class FakeUpstream:
         if self.slam:
             await stream.aclose()
             return
-        data = b""
         try:
-            while b"\r\n\r\n" not in data:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    return
-                data += chunk
-            head, _, rest = data.partition(b"\r\n\r\n")
+            got = await read_head(stream)
+            if got is None:
+                return
+            head, rest = got
             headers = {}
             for line in head.split(b"\r\n")[1:]:
                 name, _, value = line.partition(b":")
