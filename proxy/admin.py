@@ -100,7 +100,7 @@ def build_admin(weir: Weir) -> QuartTrio:
             "served": weir.served,
             "draining": weir.draining,
             "targets": [
-                {"name": t.name, "kind": t.kind, "url": t.url, "in_flight": t.in_flight, "max_connections": t.settings.max_connections}
+                {"name": t.name, "kind": t.kind, "url": t.url, "max_connections": t.settings.max_connections, "idle_connections": t.pool.idle}
                 for t in weir.targets
             ],
             # Per tenant: refused by the rate limiter; per target: queue depth,

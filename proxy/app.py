@@ -353,8 +353,8 @@ class Weir:
         """One request relayed from its upstream call — or, with ``opener``
         (the coalescer's), from a call it shares; ``tee`` sees each chunk."""
         first = trio.current_time() + deadlines.first_byte_s
-        ex.deadline_at = min(first, deadlines.total)
-        with trio.CancelScope(deadline=ex.deadline_at) as scope:
+        with trio.CancelScope(deadline=min(first, deadlines.total)) as scope:
+            ex.deadline_scope = scope
             t_up = time.perf_counter()
             try:
                 async with (opener or self.router.open)(req, ident=ident, ex=ex, deadlines=deadlines) as resp:

@@ -15,7 +15,6 @@ themselves under load).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -74,9 +73,9 @@ class Exchange:
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     # Set by the rate limiter: read the reply's usage to settle the estimate,
     # and report Weir's anthropic-ratelimit-* headers instead of the upstream's.
-    # The deadline the request's cancel scope holds right now (first byte,
-    # then idle-per-read): a cancellation at or past it is a stall, not a hang-up.
-    deadline_at: float = math.inf
+    # The request's deadline scope (first byte, then idle-per-read, capped at
+    # total): a cancellation at or past its deadline is a stall, not a hang-up.
+    deadline_scope: trio.CancelScope | None = None
     # The envelope's temperature, for the cache policy; ``...`` = not read.
     temperature: Any = ...
     # The cache's plan for this request (a ``proxy.caching.Lookup``), or None: bypass.
@@ -183,7 +182,7 @@ async def relay_response(
     try:
         async for chunk in resp.aiter():
             deadline = now() + idle
-            scope.deadline = ex.deadline_at = deadline if deadline < total else total
+            scope.deadline = deadline if deadline < total else total
             if not chunk:
                 continue
             if tee is not None:

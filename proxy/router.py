@@ -369,7 +369,7 @@ def _verdict(lane: Lane, permit: Any, ex: Exchange) -> Callable[..., Any]:
             lane.breaker.record(permit, not ex.error.startswith("upstream_"), now)
         elif issubclass(exc_type, UpstreamError):
             lane.breaker.record(permit, False, now)
-        elif issubclass(exc_type, trio.Cancelled) and now >= ex.deadline_at:
+        elif issubclass(exc_type, trio.Cancelled) and ex.deadline_scope is not None and now >= ex.deadline_scope.deadline:
             lane.breaker.record(permit, False, now)
         else:
             lane.breaker.release(permit, now)

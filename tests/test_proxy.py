@@ -319,7 +319,7 @@ async def test_client_hangup_cancels_the_upstream_call(autojump_clock: trio.test
         assert mock.disconnects == 2
         await trio.sleep(1)
         assert weir.app.in_flight == 0
-        assert weir.app.targets[0].in_flight == 0
+        assert weir.app.router.lanes[0].scheduler.stats().in_flight == 0
 
 
 # ------------------------------------------------------- connection budget

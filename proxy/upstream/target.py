@@ -35,7 +35,6 @@ class Target:
         self.keys = keys
         self.pool = ConnectionPool(self.url, connect_timeout=deadlines.connect_s, keepalive_expiry=_KEEPALIVE_EXPIRY_S)
         self._extra = [(k.lower().encode(), v.encode()) for k, v in settings.headers.items()]
-        self.in_flight = 0
 
     def credentials(self, key: str) -> list[tuple[bytes, bytes]]:
         if self.kind == "openai":
@@ -56,14 +55,12 @@ class Target:
         connection is busy until then. Raises ``UpstreamError`` when no head
         could be had.
         """
-        self.in_flight += 1
         resp: PooledResponse | None = None
         try:
             target = req.path.encode() + (b"?" + req.query if req.query else b"")
             resp = await self.pool.request(req.method.encode(), target, req.headers + credentials + self._extra, req.body)
             yield resp
         finally:
-            self.in_flight -= 1
             if resp is not None:
                 self.pool.release(resp)
 
