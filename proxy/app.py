@@ -446,7 +446,9 @@ class Weir:
         # The cache stage owns its L2 connection and background work from a
         # task in this nursery (see proxy.caching.serve_cache); it closes when
         # the lifespan ends. The lambda looks the router up per call.
-        self.cache = await nursery.start(serve_cache, self.settings.cache, lambda *a, **kw: self.router.open(*a, **kw))
+        self.cache = await nursery.start(
+            serve_cache, self.settings.cache, lambda *a, **kw: self.router.open(*a, **kw), self.settings.server.data_path("cache.db")
+        )
         self.started = True
 
     async def shutdown(self) -> None:

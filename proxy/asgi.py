@@ -1,7 +1,9 @@
 """``hypercorn -c hypercorn.toml proxy.asgi:app``: the app from ``WEIR_CONFIG`` and ``WEIR_*``.
 
 Building the app does no I/O (that waits for the lifespan), so importing
-this module in each Hypercorn worker is cheap and safe.
+this module in each Hypercorn worker is cheap and safe; the one exception is
+creating ``server.data_dir``, which every entry point does before its event
+loop starts (proxy/datadir.py).
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ from __future__ import annotations
 import os
 
 from .app import build_app
+from .datadir import prepare_data_dir
 from .logs import configure_logging
 from .settings import check_exposure, load_settings
 
 settings = load_settings()
 check_exposure(settings, os.environ)
+prepare_data_dir(settings.server.data_dir)
 configure_logging(settings.server.log_level)
 app = build_app(settings)

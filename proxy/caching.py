@@ -436,6 +436,7 @@ _ERROR_BODY_LIMIT = 64 * 1024
 async def serve_cache(
     settings: CacheSettings,
     open_upstream: Opener,
+    sqlite_path: str,
     *,
     task_status: trio.TaskStatus[CacheStage] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -453,7 +454,7 @@ async def serve_cache(
     try:
         l2: L2Backend | None = None
         if settings.mode != "off":
-            l2 = await _open_l2(settings, stack)
+            l2 = await _open_l2(settings, sqlite_path, stack)
         async with trio.open_nursery() as nursery:
             l1 = L1Cache(max_bytes=settings.l1_max_bytes, default_ttl=settings.ttl_s, timer=trio.current_time)
             tiered = TieredCache(l1, l2, nursery=nursery, log=log)
@@ -466,11 +467,11 @@ async def serve_cache(
             await stack.aclose()
 
 
-async def _open_l2(settings: CacheSettings, stack: AsyncExitStack) -> L2Backend | None:
+async def _open_l2(settings: CacheSettings, sqlite_path: str, stack: AsyncExitStack) -> L2Backend | None:
     if settings.l2 == "sqlite":
         from cache.sqlite import SQLiteL2
 
-        return await stack.enter_async_context(SQLiteL2(settings.sqlite_path, max_bytes=settings.sqlite_max_bytes))
+        return await stack.enter_async_context(SQLiteL2(sqlite_path, max_bytes=settings.sqlite_max_bytes))
     if settings.l2 == "redis":
         from cache.redis import RedisL2
 

@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 import trio
 
+from .datadir import DataDirError, prepare_data_dir
 from .settings import Settings, SettingsError, check_exposure, load_settings
 
 log = logging.getLogger("weir")
@@ -156,6 +157,7 @@ def _serve_command(ns: argparse.Namespace) -> int:
         ("host", "server.host"),
         ("port", "server.port"),
         ("workers", "server.workers"),
+        ("data_dir", "server.data_dir"),
         ("upstream", "upstreams.url"),
         ("upstream_kind", "upstreams.kind"),
         ("upstream_model", "upstreams.model"),
@@ -169,7 +171,8 @@ def _serve_command(ns: argparse.Namespace) -> int:
     try:
         settings = load_settings(ns.config, overrides=overrides)
         check_exposure(settings, os.environ)
-    except SettingsError as exc:
+        prepare_data_dir(settings.server.data_dir)
+    except (SettingsError, DataDirError) as exc:
         print(f"weir: {exc}", file=sys.stderr)
         return 2
     from .logs import configure_logging
@@ -207,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="bind port (default 8080)")
     p.add_argument("--config", help="TOML config file (default: $WEIR_CONFIG)")
     p.add_argument("--workers", type=int, help="worker processes (default 1)")
+    p.add_argument("--data-dir", help="directory for every file Weir writes (default: $STATE_DIRECTORY, $XDG_STATE_HOME/weir or ~/.local/state/weir)")
     p.add_argument("--upstream", help="upstream base URL (Anthropic: without /v1; OpenAI: with /v1)")
     p.add_argument("--upstream-kind", choices=["anthropic", "openai"], help="upstream API (default anthropic)")
     p.add_argument("--upstream-model", help="model name to send upstream instead of the requested one")

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import msgspec
 
 from .breaker import BreakerConfig
+from .datadir import resolve_data_dir
 from .retry import RetryConfig
 
 __all__ = ["Settings", "SettingsError", "load_settings", "settings_from_dict"]
@@ -56,6 +57,15 @@ class ServerSettings(_Base):
     keep_alive_s: float = 75.0
     access_log: bool = True
     log_level: str = "info"
+    # Every file Weir writes lives under this directory (the SQLite L2 is
+    # cache.db in it). Empty: $STATE_DIRECTORY (systemd), else
+    # $XDG_STATE_HOME/weir, else ~/.local/state/weir — see proxy/datadir.py.
+    # Made absolute at load.
+    data_dir: str = ""
+
+    def data_path(self, name: str) -> str:
+        """The path of one of Weir's files: always inside ``data_dir``."""
+        return os.path.join(self.data_dir, name)
 
 
 class DeadlineSettings(_Base):
@@ -175,10 +185,9 @@ class CacheSettings(_Base):
     # model update is noticed the same day.
     ttl_s: float = 3600.0
     l1_max_bytes: int = 256 * MiB
-    # "sqlite" (one file per host, shared by the workers), "redis" (shared by
-    # hosts), or "none".
+    # "sqlite" (cache.db in server.data_dir, shared by a host's workers),
+    # "redis" (shared by hosts), or "none".
     l2: Literal["sqlite", "redis", "none"] = "sqlite"
-    sqlite_path: str = "weir-cache.db"
     sqlite_max_bytes: int = 2 * 1024 * MiB
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Streams bigger than this are relayed but not cached.
@@ -247,12 +256,13 @@ def _env_overrides(environ: Mapping[str, str], data: dict[str, Any]) -> None:
         sect[field] = value
 
 
-def settings_from_dict(data: dict[str, Any]) -> Settings:
+def settings_from_dict(data: dict[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
     try:
         settings = msgspec.convert(data, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise SettingsError(f"invalid configuration: {exc}") from None
     _validate(settings)
+    settings.server.data_dir = resolve_data_dir(settings.server.data_dir, os.environ if environ is None else environ)
     return settings
 
 
@@ -276,7 +286,7 @@ def load_settings(
     _env_overrides(environ, data)
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
-    return settings_from_dict(data)
+    return settings_from_dict(data, environ)
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

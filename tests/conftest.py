@@ -9,13 +9,26 @@ service is a failure, never a silent skip.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 from urllib.parse import urlsplit
 
 import pytest
 
 REDIS_URL = os.environ.get("WEIR_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 DATABASE_URL = os.environ.get("WEIR_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+# Weir's default server.data_dir is the user's state directory
+# (proxy/datadir.py): the tests, and the processes they start, get a private
+# one instead, so they never write into the home of whoever runs them.
+_STATE_HOME = tempfile.mkdtemp(prefix="weir-tests-state-")
+os.environ["XDG_STATE_HOME"] = _STATE_HOME
+os.environ.pop("STATE_DIRECTORY", None)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_STATE_HOME, ignore_errors=True)
 
 
 def _reachable(url: str, default_port: int) -> bool:

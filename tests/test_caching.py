@@ -206,9 +206,9 @@ async def test_errors_and_broken_streams_are_not_cached() -> None:
 
 
 async def test_sqlite_l2_is_shared_by_two_apps(tmp_path) -> None:
-    cache = {"l2": "sqlite", "sqlite_path": str(tmp_path / "l2.db")}
+    cache, server = {"l2": "sqlite"}, {"data_dir": str(tmp_path)}
     async with running_mock() as (mock, url):
-        async with running_weir(make_settings(url, cache=cache)) as one, running_weir(make_settings(url, cache=cache)) as two:
+        async with running_weir(make_settings(url, cache=cache, server=server)) as one, running_weir(make_settings(url, cache=cache, server=server)) as two:
             async with httpx.AsyncClient() as client:
                 data = det(stream=True)
                 first = await post(client, one.url, data)
@@ -224,8 +224,8 @@ async def test_sqlite_l2_is_shared_by_two_apps(tmp_path) -> None:
 
 
 async def test_corrupt_l2_entry_is_a_miss(tmp_path) -> None:
-    cache = {"l2": "sqlite", "sqlite_path": str(tmp_path / "l2.db")}
-    async with weir_and_mock(cache=cache) as (weir, mock):
+    cache, server = {"l2": "sqlite"}, {"data_dir": str(tmp_path)}
+    async with weir_and_mock(cache=cache, server=server) as (weir, mock):
         async with httpx.AsyncClient() as client:
             data = det()
             lk = plan_lookup(path="/v1/messages", headers={b"anthropic-version": b"2023-06-01"}, body=data,

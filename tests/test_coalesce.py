@@ -123,9 +123,9 @@ async def test_workers_sharing_sqlite_coalesce_through_the_lease(tmp_path) -> No
 
     Real clock: SQLite runs in worker threads, and an autojumping MockClock
     jumps while the trio thread waits on them, firing every timeout."""
-    cache = {"l2": "sqlite", "sqlite_path": str(tmp_path / "l2.db"), "lease_poll_s": 0.05}
+    cache, server = {"l2": "sqlite", "lease_poll_s": 0.05}, {"data_dir": str(tmp_path)}
     async with running_mock() as (mock, url):
-        async with running_weir(make_settings(url, cache=cache)) as one, running_weir(make_settings(url, cache=cache)) as two:
+        async with running_weir(make_settings(url, cache=cache, server=server)) as one, running_weir(make_settings(url, cache=cache, server=server)) as two:
             data = det()
             hdr = {"x-mock-latency-ms": "600"}
             async with trio.open_nursery() as nursery:

@@ -106,9 +106,10 @@ def test_sigterm_drains_in_flight_streams_then_exits(tmp_path: Path) -> None:
     port = _free_port()
     cfg = tmp_path / "weir.toml"
     # Otherwise the embedded defaults, as README's first command runs them:
-    # the built-in mock, and the L2 cache in a SQLite file in the working directory.
+    # the built-in mock, and the L2 cache in a SQLite file in the default data
+    # directory ($XDG_STATE_HOME/weir, which does not exist yet).
     cfg.write_text("[server]\ndrain_s = 20\ndrain_notice_s = 0.6\naccess_log = false\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_STATE_HOME": str(tmp_path / "state")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port), "--config", str(cfg)],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -144,7 +145,10 @@ def test_sigterm_drains_in_flight_streams_then_exits(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert (tmp_path / "weir-cache.db").exists()  # the deterministic reply reached L2
+    data_dir = tmp_path / "state" / "weir"
+    assert (data_dir / "cache.db").exists()  # the deterministic reply reached L2…
+    assert data_dir.stat().st_mode & 0o777 == 0o700
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state", "weir.toml"]  # …and nothing else was written
     err = proc.stderr.read().decode() if proc.stderr else ""
     assert "built-in mock upstream" in err.splitlines()[0]  # says so in its first log line
     assert "draining" in err
