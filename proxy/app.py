@@ -38,6 +38,7 @@ from .relay import (
 from .ratelimit import LocalRateLimiter, RedisRateLimiter, serve_ratelimiter
 from .router import Router
 from .settings import Settings
+from .target_path import BadTarget, checked_path, checked_query
 from .upstream import Target, UpstreamError, UpstreamRequest
 from .upstream.adapters import count_tokens_locally, decode_chat, openai_error_send
 from .usage import estimate_input_tokens
@@ -99,13 +100,26 @@ class Weir:
         # websockets: nothing here speaks them; returning closes the socket.
 
     async def _api(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        if path.startswith("/v1/chat/"):
+            # The OpenAI ingress: every error it answers — 400, 401, 404, 405
+            # included — in OpenAI's shape.
+            send = openai_error_send(send)
+        headers = dict(scope["headers"])
+        try:
+            # Route on, and forward, the raw path as checked — never Hypercorn's decoded one.
+            path = scope["path"] = checked_path(scope.get("raw_path") or path.encode())
+            scope["query_string"] = checked_query(scope["query_string"])
+        except BadTarget as exc:
+            ex = Exchange(request_id=request_id(headers), started=time.perf_counter(), method=scope["method"], path=path)
+            await send_error(send, ex, ProxyError(400, str(exc), "invalid_request_error"))
+            self._log(ex)
+            return
         methods = self.routes.get(path)
         if methods is None:
             if path.startswith("/v1/models/"):
                 methods = {"GET": self.passthrough}
             elif path.startswith("/v1/messages/batches"):
                 methods = {"GET": self.passthrough, "POST": self.passthrough, "DELETE": self.passthrough}
-        headers = dict(scope["headers"])
         ex = Exchange(request_id=request_id(headers), started=time.perf_counter(), method=scope["method"], path=path)
         handler = methods.get(scope["method"]) if methods is not None else None
         if handler is None:
@@ -173,8 +187,8 @@ class Weir:
         await self._model_call(scope, receive, send, headers, ex, decode_messages)
 
     async def chat_completions(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange) -> None:
-        """OpenAI clients, to either kind of upstream; every error in OpenAI's shape."""
-        await self._model_call(scope, receive, openai_error_send(send), headers, ex, decode_chat)
+        """OpenAI clients, to either kind of upstream; every error in OpenAI's shape (see ``_api``)."""
+        await self._model_call(scope, receive, send, headers, ex, decode_chat)
 
     async def _model_call(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange, decode: Callable[[bytes], Any]
