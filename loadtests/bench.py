@@ -9,7 +9,7 @@ showed Weir altering a reply, or the slow stream lagged.
 
 What it starts, each on a free loopback port:
 
-* the mock upstream (``proxy.mock_upstream``, unpaced, ``--output-tokens 100``);
+* the mock upstream (``mock``, unpaced, ``--output-tokens 100``);
 * the floor (``loadtests/floor.py`` under ``hypercorn -c hypercorn.toml``):
   the cheapest reply Hypercorn's trio worker can give;
 * Weir (``python -m proxy.cli serve --workers 1 --upstream <mock>``), with its
@@ -616,7 +616,7 @@ async def run(bench: Bench) -> dict[str, Any]:
     mock_url, floor_url = f"http://127.0.0.1:{mock_port}", f"http://127.0.0.1:{floor_port}"
     mock = Server(
         "mock",
-        [py, "-m", "proxy.mock_upstream", "--port", str(mock_port), "--workers", str(cfg.mock_workers), "--output-tokens", str(cfg.output_tokens)],
+        [py, "-m", "mock", "--port", str(mock_port), "--workers", str(cfg.mock_workers), "--output-tokens", str(cfg.output_tokens)],
         env, tmp / "mock.log", mock_url + "/_mock/stats",
     )  # fmt: skip
     floor = Server(

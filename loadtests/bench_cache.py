@@ -45,7 +45,7 @@ async def main_async(duration: float, connections: int) -> dict:
     env = _weir_env(False)
     mock_port, floor_port = _free_port(), _free_port()
     mock_url = f"http://127.0.0.1:{mock_port}"
-    mock = Server("mock", [py, "-m", "proxy.mock_upstream", "--port", str(mock_port)], env, tmp / "mock.log", mock_url + "/_mock/stats")
+    mock = Server("mock", [py, "-m", "mock", "--port", str(mock_port)], env, tmp / "mock.log", mock_url + "/_mock/stats")
     floor = Server("floor", [str(VENV_BIN / "hypercorn"), "-c", str(ROOT / "hypercorn.toml"), "--bind", f"127.0.0.1:{floor_port}", "loadtests.floor:app"],
                    env, tmp / "floor.log", f"http://127.0.0.1:{floor_port}/")
     levels = {"L1": {"WEIR_CACHE__L2": "none"},

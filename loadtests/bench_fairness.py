@@ -176,7 +176,7 @@ async def main_async(quick: bool) -> dict[str, Any]:
     mock_port = _free_port()
     report: dict[str, Any] = {"budget": BUDGET, "quick": quick}
     async with trio.open_nursery() as nursery:
-        mock = Server("mock", [py, "-m", "proxy.mock_upstream", "--port", str(mock_port), "--workers", "2"], _weir_env(False), tmp / "mock.log", f"http://127.0.0.1:{mock_port}/_mock/stats")
+        mock = Server("mock", [py, "-m", "mock", "--port", str(mock_port), "--workers", "2"], _weir_env(False), tmp / "mock.log", f"http://127.0.0.1:{mock_port}/_mock/stats")
         await mock.start(nursery)
         for policy in ("fair", "fifo"):
             cfg = tmp / f"{policy}.toml"

@@ -11,7 +11,7 @@ Set up once::
 
 Run against a Weir (for instance ``weir serve --port 8080`` with its built-in
 mock, or ``--upstream http://127.0.0.1:8081`` in front of
-``python -m proxy.mock_upstream --port 8081 --output-tokens 100``)::
+``python -m mock --port 8081 --output-tokens 100``)::
 
     cd /work/main
     /tmp/locustvenv/bin/locust -f loadtests/locustfile.py --host http://127.0.0.1:8080 \\

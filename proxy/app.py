@@ -6,7 +6,7 @@ callables looked up in a dict; health, readiness and the admin API are a
 Quart-Trio app, where the convenience is worth more than the microseconds.
 
 The lifespan owns the one nursery every background task of this worker runs
-in (the built-in mock, the cache's flights and L2 writes, the Redis clients
+in (the cache's flights and L2 writes, the Redis clients
 of the cache and the rate limiter); it also owns the upstream pools and
 closes them after the server stopped sending requests.
 """
@@ -23,7 +23,8 @@ import trio
 
 from .auth import Authenticator, Identity
 from .caching import CacheStage, serve_cache
-from .envelope import decode_count_tokens, decode_messages
+from .ingress.anthropic import count_tokens_locally, decode_count_tokens, decode_messages
+from .ingress.openai import decode_chat, openai_error_send
 from .errors import ProxyError
 from .headers import request_id, upstream_request_headers
 from .logs import AccessLog, AccessRecord
@@ -40,7 +41,6 @@ from .router import Router
 from .settings import Settings
 from .target_path import BadTarget, checked_path, checked_query
 from .upstream import Target, UpstreamError, UpstreamRequest
-from .upstream.adapters import count_tokens_locally, decode_chat, openai_error_send
 from .usage import estimate_input_tokens
 
 __all__ = ["Weir", "build_app"]
@@ -67,7 +67,6 @@ class Weir:
         self.started = False
         self.in_flight = 0
         self.served = 0
-        self.mock_url: str | None = None
         self._idle = trio.Event()
         self._idle.set()
         self._nursery: trio.Nursery | None = None
@@ -441,18 +440,8 @@ class Weir:
         self._access_on = self.settings.server.access_log and self.access.enabled()
         upstreams = list(self.settings.upstreams)
         if self.settings.uses_mock():
-            from .mock_upstream import MockSettings, MockUpstream
-
-            m = self.settings.mock
-            mock = MockUpstream(MockSettings(latency_ms=m.latency_ms, ttft_ms=m.ttft_ms, tokens_per_second=m.tokens_per_second, output_tokens=m.output_tokens))
-            port = await nursery.start(mock.serve, "127.0.0.1", 0)
-            self.mock_url = f"http://127.0.0.1:{port}"
-            self.mock = mock
-            log.warning("no upstream configured: serving the built-in mock upstream at %s", self.mock_url, extra={"mock_url": self.mock_url})
-            from .settings import UpstreamSettings
-
-            base = upstreams[0] if upstreams else UpstreamSettings(name="mock")
-            upstreams = [_replace(base, url=self.mock_url, name=base.name if upstreams else "mock")]
+            # The quick start's mock is started by whoever runs the app (proxy/cli.py).
+            raise RuntimeError("no upstream has a URL: configure one, or start Weir through `weir serve`, which starts the mock upstream")
         for u in upstreams:
             self.targets.append(Target(u, url=u.url, keys=u.keys(self.environ), deadlines=self.settings.deadlines))
         self.router = Router(self.settings, self.targets)
@@ -485,12 +474,6 @@ class Weir:
         if not self.started or not self.targets:
             return False, "starting"
         return True, "ready"
-
-
-def _replace(struct: Any, **changes: Any) -> Any:
-    import msgspec
-
-    return msgspec.structs.replace(struct, **changes)
 
 
 # After refusing an oversized body, read this much more of it so the client,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 from .app import build_app
+from .cli import BuiltinMockApp
 from .datadir import prepare_data_dir
 from .logs import configure_logging
 from .settings import check_exposure, load_settings
@@ -19,4 +20,5 @@ settings = load_settings()
 check_exposure(settings, os.environ)
 prepare_data_dir(settings.server.data_dir)
 configure_logging(settings.server.log_level)
-app = build_app(settings)
+# No upstream configured: the mock upstream starts with the lifespan, as under ``weir serve``.
+app = BuiltinMockApp(settings) if settings.uses_mock() else build_app(settings)

@@ -17,18 +17,17 @@ import os
 import signal
 import socket
 import sys
-from functools import partial
 from typing import Any
 
 import msgspec
 import trio
 
 from .datadir import DataDirError, prepare_data_dir
-from .settings import Settings, SettingsError, check_exposure, load_settings
+from .settings import Settings, SettingsError, UpstreamSettings, check_exposure, load_settings
 
 log = logging.getLogger("weir")
 
-__all__ = ["main", "hypercorn_config"]
+__all__ = ["main", "hypercorn_config", "start_builtin_mock", "BuiltinMockApp"]
 
 
 def hypercorn_config(settings: Settings) -> Any:
@@ -72,7 +71,6 @@ async def serve(settings: Settings, *, sock: socket.socket | None = None, task_s
 
     from .app import build_app
 
-    app = build_app(settings)
     config = hypercorn_config(settings)
     sockets = None
     if sock is not None:
@@ -80,6 +78,9 @@ async def serve(settings: Settings, *, sock: socket.socket | None = None, task_s
         sockets = Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[])
 
     async with trio.open_nursery() as nursery:
+        if settings.uses_mock():
+            settings = await start_builtin_mock(settings, nursery)
+        app = build_app(settings)
         drained = trio.Event()
 
         async def shutdown_trigger() -> None:
@@ -102,6 +103,48 @@ async def serve(settings: Settings, *, sock: socket.socket | None = None, task_s
         nursery.start_soon(shutdown_trigger)
         binds = await nursery.start(run_server)
         task_status.started((app, binds))
+
+
+async def start_builtin_mock(settings: Settings, nursery: trio.Nursery) -> Settings:
+    """The quick start: no upstream has a URL, so run the mock upstream in
+    ``nursery`` and return settings that name it as an ordinary upstream.
+
+    Weir itself never knows it talks to a mock. The first configured upstream
+    (or one called ``mock``) keeps its other settings and gets the mock's URL;
+    routes that name ``mock`` now name it.
+    """
+    from mock import MockUpstream
+
+    mock = MockUpstream(settings.mock)
+    port = await nursery.start(mock.serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{port}"
+    log.warning("no upstream configured: serving the built-in mock upstream at %s", url, extra={"mock_url": url})
+    base = settings.upstreams[0] if settings.upstreams else UpstreamSettings(name="mock")
+    routes = [
+        msgspec.structs.replace(r, targets=[base.name + t[4:] if t.split(":", 1)[0] == "mock" else t for t in r.targets])
+        for r in settings.routes
+    ]
+    return msgspec.structs.replace(settings, upstreams=[msgspec.structs.replace(base, url=url)], routes=routes)
+
+
+class BuiltinMockApp:
+    """``hypercorn proxy.asgi:app`` with no upstream: the lifespan starts the
+    mock upstream first (``start_builtin_mock``), then builds Weir on it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app: Any = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        from .app import build_app
+
+        async with trio.open_nursery() as nursery:
+            self.app = build_app(await start_builtin_mock(self.settings, nursery))
+            await self.app(scope, receive, send)
+            nursery.cancel_scope.cancel()
 
 
 def _run_workers(settings: Settings) -> int:
@@ -187,15 +230,15 @@ def _serve_command(ns: argparse.Namespace) -> int:
 
 
 def _mock_command(ns: argparse.Namespace) -> int:
-    from . import mock_upstream
+    import mock
 
     try:
-        mock = mock_upstream.MockUpstream(mock_upstream.settings_from_args(ns))
+        upstream = mock.MockUpstream(mock.settings_from_args(ns))
     except ValueError as exc:
         print(f"weir mock-upstream: --fault: {exc}", file=sys.stderr)
         return 2
     try:
-        trio.run(mock_upstream.serve_forever, mock, ns.host, ns.port)
+        trio.run(mock.serve_forever, upstream, ns.host, ns.port)
     except KeyboardInterrupt:
         pass
     return 0
@@ -218,10 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upstream-concurrency", type=int, help="upstream connection budget (default 64)")
     p.set_defaults(func=_serve_command)
 
-    from . import mock_upstream
+    import mock
 
     m = sub.add_parser("mock-upstream", help="run the mock Anthropic/OpenAI upstream")
-    mock_upstream.add_arguments(m)
+    mock.add_arguments(m)
     m.set_defaults(func=_mock_command)
     return parser
 

@@ -51,7 +51,7 @@ from .retry import Decision, GiveUp, Outcome, RetryPolicy, retry_after_from_head
 from .scheduler import FifoSemaphoreScheduler, Overloaded, Scheduler
 from .settings import Settings
 from .upstream import Target, UpstreamError, UpstreamRequest, UpstreamResponse
-from .upstream.adapters import Leg, prepare, wrap
+from .upstream.adapters import prepare, wrap
 
 __all__ = ["Router", "Lane"]
 
@@ -163,8 +163,6 @@ class Router:
                 for entry in route.targets:
                     name, _, override = entry.partition(":")
                     lane = self._by_name.get(name)
-                    if lane is None and len(self.lanes) == 1 and name == "mock":
-                        lane = self.lanes[0]
                     if lane is not None:
                         chain.append((lane, override or lane.target.settings.model))
                 if chain:

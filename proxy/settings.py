@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from mock import MockSettings
+
 from .breaker import BreakerConfig
 from .datadir import resolve_data_dir
 from .retry import RetryConfig
@@ -129,15 +131,6 @@ class AuthSettings(_Base):
     admin_key_env: str = ""
 
 
-class MockSettingsConf(_Base):
-    """Quick-start mock upstream knobs (see ``weir mock-upstream --help``)."""
-
-    latency_ms: float = 0.0
-    ttft_ms: float = 0.0
-    tokens_per_second: float = 0.0
-    output_tokens: int = 16
-
-
 class RouteSettings(_Base):
     """A requested model → an ordered chain of targets.
 
@@ -216,7 +209,9 @@ class Settings(_Base):
     ratelimit: RateLimitSettings = msgspec.field(default_factory=RateLimitSettings)
     cache: CacheSettings = msgspec.field(default_factory=CacheSettings)
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
-    mock: MockSettingsConf = msgspec.field(default_factory=MockSettingsConf)
+    # The quick start's mock upstream, started by ``weir serve`` when no
+    # upstream has a URL (its knobs are defined once, in ``mock/upstream.py``).
+    mock: MockSettings = msgspec.field(default_factory=MockSettings)
 
     def uses_mock(self) -> bool:
         return not self.upstreams or all(not u.url for u in self.upstreams)

@@ -22,7 +22,7 @@ from hypercorn.trio import worker_serve
 
 from proxy.app import Weir, build_app
 from proxy.cli import hypercorn_config
-from proxy.mock_upstream import MockSettings, MockUpstream
+from mock import MockSettings, MockUpstream
 from proxy.settings import Settings, settings_from_dict
 
 

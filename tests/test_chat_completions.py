@@ -11,9 +11,9 @@ import msgspec
 import openai
 import pytest
 
-from proxy.translate import validate_openai_stream
 
 from .harness import make_settings, running_mock, running_weir
+from .validate import validate_openai_stream
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
 MSGS = [{"role": "user", "content": "hi"}]

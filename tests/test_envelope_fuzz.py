@@ -6,7 +6,7 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.envelope import decode_count_tokens, decode_messages
+from proxy.ingress.anthropic import decode_count_tokens, decode_messages
 from proxy.errors import ProxyError
 
 json_values = st.recursive(

@@ -20,8 +20,8 @@ import trio
 
 from loadtests import bench, floor
 from loadtests.payload import ANTHROPIC_BETA, claude_code_body, claude_code_headers, count_tokens_body
-from proxy.envelope import decode_count_tokens, decode_messages
-from proxy.mock_upstream import MockCore, MockSettings, RecordedRequest
+from proxy.ingress.anthropic import decode_count_tokens, decode_messages
+from mock import MockCore, MockSettings, RecordedRequest
 from proxy.sse import SSEParser
 
 # Captured from wrk 4.1.0 (Debian) against a failing server: every line the parser reads.

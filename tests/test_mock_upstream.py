@@ -23,7 +23,7 @@ import pytest
 import trio
 import trio.testing
 
-from proxy.mock_upstream import (
+from mock import (
     VOCABULARY,
     MockSettings,
     MockUpstream,
@@ -545,7 +545,7 @@ async def test_workers_share_the_port_and_die_with_the_parent() -> None:
 
 
 async def test_command_line_prints_its_address_and_stops_on_sigterm() -> None:
-    argv = [sys.executable, "-m", "proxy.mock_upstream", "--port", "0", "--workers", "2", "--output-tokens", "3"]
+    argv = [sys.executable, "-m", "mock", "--port", "0", "--workers", "2", "--output-tokens", "3"]
     async with trio.open_nursery() as nursery:
         proc = await nursery.start(lambda task_status: trio.run_process(argv, stdout=subprocess.PIPE, check=False, task_status=task_status))
         line = b""

@@ -10,9 +10,9 @@ import anthropic
 import httpx
 import msgspec
 
-from proxy.translate import validate_anthropic_stream
 
 from .harness import CLAUDE_CODE_BETA, anthropic_sdk_round_trip, body, claude_code_body, make_settings, running_mock, running_weir
+from .validate import validate_anthropic_stream
 
 KEY = {"x-api-key": "sk-client", "anthropic-version": "2023-06-01"}
 

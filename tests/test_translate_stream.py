@@ -5,7 +5,7 @@ stream its SDK accepts — and the reverse for the chat-completions ingress.
 Table tests pin exact shapes; Hypothesis properties throw random chunk
 sequences (interleaved kinds, several tool calls, cut-offs, errors) at both
 translators and check every output against the grammar in
-``proxy.translate.validate`` and against the content that went in.
+``tests/validate.py`` and against the content that went in.
 
 ``WEIR_HYPOTHESIS_EXAMPLES`` raises the example count for a long run (the
 default keeps the file fast).
@@ -24,13 +24,9 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk
 
 from proxy.sse import SSEParser
-from proxy.translate import (
-    AnthropicStreamToOpenAI,
-    MalformedStream,
-    OpenAIStreamToAnthropic,
-    validate_anthropic_stream,
-    validate_openai_stream,
-)
+from proxy.translate import AnthropicStreamToOpenAI, OpenAIStreamToAnthropic
+
+from .validate import MalformedStream, validate_anthropic_stream, validate_openai_stream
 
 EXAMPLES = int(os.environ.get("WEIR_HYPOTHESIS_EXAMPLES", "300"))
 PROPERTY = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -3,8 +3,8 @@
 Requests, whole responses and streams, both ways. Nothing here touches a
 socket or a clock: the upstream adapter (``proxy/upstream/``) and the
 ``/v1/chat/completions`` ingress feed decoded JSON in and write out what comes
-back. ``validate`` holds the stream grammars both directions must keep, for
-tests anywhere in the project.
+back. The stream grammars both directions must keep are checked by the
+tests' ``tests/validate.py``.
 """
 
 from ._common import TranslationError
@@ -21,7 +21,6 @@ from .to_openai import (
     map_finish_reason,
     openai_response_to_anthropic,
 )
-from .validate import MalformedStream, validate_anthropic_stream, validate_openai_stream
 
 __all__ = [
     "TranslationError",
@@ -34,7 +33,4 @@ __all__ = [
     "AnthropicStreamToOpenAI",
     "map_stop_reason",
     "DEFAULT_MAX_TOKENS",
-    "MalformedStream",
-    "validate_anthropic_stream",
-    "validate_openai_stream",
 ]

@@ -378,7 +378,7 @@ class OpenAIStreamToAnthropic:
     ended stays ended.
 
     Every output sequence is a well-formed Anthropic stream — the grammar in
-    ``proxy.translate.validate``. Anthropic blocks are strictly sequential
+    ``tests/validate.py``. Anthropic blocks are strictly sequential
     while OpenAI addresses tool calls by index, so each switch of kind (or of
     tool index) closes the open block and opens the next. Every real server
     streams tool calls one after another; for an upstream that goes *back* to

@@ -15,7 +15,7 @@ completed, translated and joined — never one per event.
 Errors: inside Weir every error body is Anthropic-shaped, whatever the target
 spoke; ``relay_error_response`` passes those through and the
 ``/v1/chat/completions`` ingress reshapes them for OpenAI clients at the very
-end (``openai_error_send``). So an OpenAI target's ``{"error": {...}}`` is
+end (``proxy.ingress.openai.openai_error_send``). So an OpenAI target's ``{"error": {...}}`` is
 rewritten here to Anthropic's shape with the same status and message.
 
 The adapter is the layer below routing (STYLE.md, httpcore's layers): the
@@ -28,11 +28,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
-
-import msgspec
 
 from ..errors import ProxyError, error_body, type_for_status
 from ..sse import Event, SSEError, SSEParser
@@ -52,11 +50,6 @@ __all__ = [
     "BufferedResponse",
     "prepare",
     "wrap",
-    "openai_error_body",
-    "openai_error_send",
-    "count_tokens_locally",
-    "decode_chat",
-    "ChatEnvelope",
 ]
 
 # A whole (non-streamed) reply is read before translation. Anthropic caps
@@ -72,8 +65,6 @@ _JSON = (b"content-type", b"application/json")
 _SSE = (b"content-type", b"text/event-stream; charset=utf-8")
 # Response headers that describe bytes we rewrite.
 _BODY_HEADERS = frozenset({b"content-type", b"content-length", b"content-encoding", b"transfer-encoding"})
-# OpenAI's rough rule of thumb ("a token is ~4 characters of English").
-_CHARS_PER_TOKEN = 4
 
 
 @dataclass(slots=True)
@@ -369,113 +360,3 @@ async def wrap(leg: Leg, raw: UpstreamResponse) -> UpstreamResponse:
         return o.feed(ev.name, json.loads(ev.data))
 
     return _TranslatedStream(raw, _plain_headers(raw) + [_SSE], on_anthropic, o.finish, o.error)
-
-
-# ------------------------------------------------------- the OpenAI ingress
-
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-def openai_error_body(anthropic_body: bytes, status: int) -> bytes:
-    """Anthropic's error shape → OpenAI's ``{"error": {"message", "type", "code"}}``.
-
-    ``type`` keeps Anthropic's word (``rate_limit_error``,
-    ``invalid_request_error`` …) — the openai SDK picks its exception class
-    from the status, and the word tells an operator which layer answered.
-    ``code`` is the status as a string, since OpenAI-compatible servers
-    disagree on its vocabulary and a number is unambiguous.
-    """
-    try:
-        doc = json.loads(anthropic_body)
-        err = doc["error"]
-        type_, message = str(err["type"]), str(err["message"])
-    except (ValueError, KeyError, TypeError):
-        type_ = type_for_status(status)
-        message = anthropic_body[:200].decode("utf-8", "replace") or f"HTTP {status}"
-    return _dumps({"error": {"message": message, "type": type_, "param": None, "code": str(status)}})
-
-
-_ERROR_EVENT = b"event: error\ndata: "
-
-
-def openai_error_send(send: Send) -> Send:
-    """Wrap an ASGI ``send`` so every error an OpenAI client gets is OpenAI-shaped.
-
-    The pipeline below speaks Anthropic's error shape (``send_error``,
-    ``relay_error_response``, ``end_stream_with_error``); reshaping at this
-    one edge keeps every stage dialect-blind. An error response is one start
-    message and one body message, so the start is held until its body comes.
-    """
-    held: dict[str, Any] | None = None
-
-    async def wrapped(message: dict[str, Any]) -> None:
-        nonlocal held
-        kind = message["type"]
-        if kind == "http.response.start" and message["status"] >= 400:
-            held = message
-            return
-        if kind == "http.response.body" and held is not None:
-            start, held = held, None
-            body = openai_error_body(message.get("body", b""), start["status"])
-            headers = [(n, v) for n, v in start["headers"] if n not in (b"content-length", b"content-type")]
-            headers += [_JSON, (b"content-length", str(len(body)).encode())]
-            await send({**start, "headers": headers})
-            await send({"type": "http.response.body", "body": body, "more_body": False})
-            return
-        if kind == "http.response.body":
-            chunk = message.get("body", b"")
-            at = chunk.find(_ERROR_EVENT)
-            if at >= 0:
-                # relay.end_stream_with_error: Anthropic's error event, cut in an OpenAI stream.
-                end = chunk.find(b"\n\n", at)
-                payload = chunk[at + len(_ERROR_EVENT) : end if end >= 0 else len(chunk)]
-                reshaped = b"data: " + openai_error_body(payload, 500) + b"\n\ndata: [DONE]\n\n"
-                message = {**message, "body": chunk[:at] + reshaped}
-        await send(message)
-
-    return wrapped
-
-
-def count_tokens_locally(body: bytes) -> int:
-    """A local stand-in for ``count_tokens`` where the upstream has none.
-
-    OpenAI-compatible servers have no token-counting endpoint, and their
-    tokenizers differ from Claude's anyway. Claude Code only uses the count
-    to decide when to compact a conversation, so a stable over-estimate is
-    safer than nothing: characters of every message, the system prompt and
-    the tool definitions, divided by 4 (OpenAI's rule of thumb), rounded up.
-    """
-    doc = _loads(body)
-    chars = 0
-    for key in ("system", "messages", "tools"):
-        value = doc.get(key)
-        if value:
-            chars += len(value) if isinstance(value, str) else len(_dumps(value).decode())
-    return max(1, -(-chars // _CHARS_PER_TOKEN))
-
-
-class ChatEnvelope(msgspec.Struct):
-    """The part of a chat.completions body the ingress reads; the rest stays bytes."""
-
-    model: str
-    messages: list[msgspec.Raw]
-    stream: bool = False
-
-
-_chat_decoder = msgspec.json.Decoder(ChatEnvelope)
-
-
-def decode_chat(body: bytes) -> ChatEnvelope:
-    if not body:
-        raise ProxyError(400, "request body is empty; expected a JSON object", "invalid_request_error")
-    try:
-        env = _chat_decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        raise ProxyError(400, f"invalid request: {exc}", "invalid_request_error") from None
-    except msgspec.DecodeError as exc:
-        raise ProxyError(400, f"request body is not valid JSON: {exc}", "invalid_request_error") from None
-    if not env.model:
-        raise ProxyError(400, "model: must not be empty", "invalid_request_error")
-    if not env.messages:
-        raise ProxyError(400, "messages: at least one message is required", "invalid_request_error")
-    return env

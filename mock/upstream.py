@@ -60,7 +60,10 @@ __all__ = [
 ]
 
 
-class MockSettings(msgspec.Struct, frozen=True):
+class MockSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The mock's knobs, one definition for `weir mock-upstream`, `python -m mock` and
+    the `[mock]` section Weir reads when it starts the mock for a quick start."""
+
     latency_ms: float = 0  # delay before the response head; 0 = a test's instant upstream
     ttft_ms: float = 0  # delay before the first content delta; 0 as above
     tokens_per_second: float = 0  # 0 = unpaced: the whole reply in one write (benchmark mode)
@@ -1149,7 +1152,7 @@ async def _send_events(stream: trio.SocketStream, conn: h11.Connection, plan: Pl
 
 async def _run_worker(s: MockSettings, host: str, port: int) -> None:
     """One extra process on the same port; cancelling this kills it."""
-    argv = [sys.executable, "-m", "proxy.mock_upstream", *_settings_argv(s), "--host", host, "--port", str(port)]
+    argv = [sys.executable, "-m", "mock", *_settings_argv(s), "--host", host, "--port", str(port)]
     env = dict(os.environ)
     # The child must import this package even when it is not installed.
     root = str(Path(__file__).resolve().parents[1])
@@ -1219,7 +1222,7 @@ async def serve_forever(mock: MockUpstream, host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m proxy.mock_upstream", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mock", description=__doc__.split("\n")[0])
     add_arguments(parser)
     ns = parser.parse_args(argv)
     try:

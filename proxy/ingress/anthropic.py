@@ -1,4 +1,4 @@
-"""The small part of a request body Weir reads.
+"""The Anthropic ingress: the small part of a Messages body Weir reads.
 
 A Messages body can be megabytes of conversation; Weir needs four fields of
 it. msgspec decodes just those (``messages`` stays an array of undecoded
@@ -8,11 +8,16 @@ untouched — unknown fields included, in their original order and spelling.
 
 from __future__ import annotations
 
+import json
+
 import msgspec
 
-from .errors import ProxyError
+from ..errors import ProxyError
 
-__all__ = ["MessagesEnvelope", "CountTokensEnvelope", "decode_messages", "decode_count_tokens"]
+__all__ = ["MessagesEnvelope", "CountTokensEnvelope", "decode_messages", "decode_count_tokens", "decode_envelope", "count_tokens_locally"]
+
+# A rough rule of thumb, a token is ~4 characters of English text.
+_CHARS_PER_TOKEN = 4
 
 
 class MessagesEnvelope(msgspec.Struct):
@@ -37,7 +42,9 @@ def _bad(message: str) -> ProxyError:
     return ProxyError(400, message, "invalid_request_error")
 
 
-def _decode(decoder: msgspec.json.Decoder, body: bytes):  # type: ignore[no-untyped-def]
+def decode_envelope(decoder: msgspec.json.Decoder, body: bytes):  # type: ignore[no-untyped-def]
+    """Decode an envelope with a clear 400 for every way a body can be bad;
+    both ingresses use it, so they refuse the same bytes the same way."""
     if not body:
         raise _bad("request body is empty; expected a JSON object")
     try:
@@ -53,7 +60,7 @@ def _decode(decoder: msgspec.json.Decoder, body: bytes):  # type: ignore[no-unty
 
 
 def decode_messages(body: bytes) -> MessagesEnvelope:
-    env: MessagesEnvelope = _decode(_messages_decoder, body)
+    env: MessagesEnvelope = decode_envelope(_messages_decoder, body)
     if not env.model:
         raise _bad("model: must not be empty")
     if env.max_tokens < 1:
@@ -68,7 +75,30 @@ def decode_messages(body: bytes) -> MessagesEnvelope:
 
 
 def decode_count_tokens(body: bytes) -> CountTokensEnvelope:
-    env: CountTokensEnvelope = _decode(_count_decoder, body)
+    env: CountTokensEnvelope = decode_envelope(_count_decoder, body)
     if not env.model:
         raise _bad("model: must not be empty")
     return env
+
+
+def count_tokens_locally(body: bytes) -> int:
+    """A local stand-in for ``count_tokens`` where the upstream has none.
+
+    OpenAI-compatible servers have no token-counting endpoint, and their
+    tokenizers differ from Claude's anyway. Claude Code only uses the count
+    to decide when to compact a conversation, so a stable over-estimate is
+    safer than nothing: characters of every message, the system prompt and
+    the tool definitions, divided by 4, rounded up.
+    """
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise _bad(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise _bad("the request body must be a JSON object")
+    chars = 0
+    for key in ("system", "messages", "tools"):
+        value = doc.get(key)
+        if value:
+            chars += len(value) if isinstance(value, str) else len(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+    return max(1, -(-chars // _CHARS_PER_TOKEN))

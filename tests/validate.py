@@ -1,4 +1,4 @@
-"""The stream grammars clients rely on, as checkers.
+"""The stream grammars clients rely on, as checkers (test code: nothing in Weir imports it).
 
 Used by the translator's property tests and by end-to-end tests anywhere in
 Weir: hand either function the bytes a client received and it raises
@@ -34,7 +34,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from ..sse import SSEParser
+from proxy.sse import SSEParser
 
 __all__ = ["MalformedStream", "validate_anthropic_stream", "validate_openai_stream"]
 

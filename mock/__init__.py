@@ -1,0 +1,37 @@
+"""The mock upstream: Anthropic Messages and OpenAI chat completions, faults on demand.
+
+A fixture for the tests, the quick start's upstream and the far end of the
+benchmark. It is its own package, beside ``proxy/`` and ``cache/``, because
+Weir never depends on it: ``weir serve`` (``proxy/cli.py``) starts it only when
+no upstream is configured and hands Weir its URL as an ordinary upstream.
+"""
+
+from .upstream import (
+    VOCABULARY,
+    Fault,
+    MockCore,
+    MockSettings,
+    MockUpstream,
+    Plan,
+    RecordedRequest,
+    add_arguments,
+    main,
+    parse_fault,
+    serve_forever,
+    settings_from_args,
+)
+
+__all__ = [
+    "VOCABULARY",
+    "Fault",
+    "MockCore",
+    "MockSettings",
+    "MockUpstream",
+    "Plan",
+    "RecordedRequest",
+    "add_arguments",
+    "main",
+    "parse_fault",
+    "serve_forever",
+    "settings_from_args",
+]

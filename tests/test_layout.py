@@ -1,0 +1,67 @@
+"""The layout keeps its promises: the policy cores are sans-IO, the shells are thin.
+
+docs/ARCHITECTURE.md lists which modules are pure policy (no sockets, no
+clock of their own, no trio) and which are trio shells around a pure core.
+These tests make that table true: a core that starts importing trio, or a
+pure class that starts calling it, fails here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import pytest
+
+# Whole modules with no trio in them: importing one must not import trio.
+PURE_MODULES = [
+    "proxy.breaker",
+    "proxy.retry",
+    "proxy.keypool",
+    "proxy.usage",
+    "proxy.sse",
+    "proxy.translate",
+]
+
+# Pure cores that share a module with their trio shell (proxy/scheduler.py is
+# the house example): the class itself must never touch trio.
+PURE_CLASSES = [
+    ("proxy.scheduler", "FairQueue"),
+    ("proxy.scheduler", "Ticket"),
+    ("proxy.ratelimit", "TokenBucket"),
+]
+
+
+@pytest.mark.parametrize("module", PURE_MODULES)
+def test_pure_core_module_imports_no_trio(module: str) -> None:
+    probe = f"import sys, {module}; sys.exit(1 if 'trio' in sys.modules else 0)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True)
+    assert done.returncode == 0, f"{module} imports trio: {done.stderr.decode()[-300:]}"
+
+
+def _names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return names
+
+
+@pytest.mark.parametrize(("module", "cls"), PURE_CLASSES)
+def test_pure_core_class_never_calls_trio(module: str, cls: str) -> None:
+    klass = getattr(__import__(module, fromlist=[cls]), cls)
+    used: set[str] = set()
+    for value in vars(klass).values():
+        func = getattr(value, "__func__", value)
+        func = getattr(func, "fget", func)  # properties
+        code = getattr(func, "__code__", None)
+        if code is not None:
+            used |= _names(code)
+    assert "trio" not in used, f"{module}.{cls} reaches for trio; pass `now` in instead"
+
+
+def test_the_probe_would_see_trio() -> None:
+    """The module probe can fail: a module that does import trio is caught."""
+    probe = "import sys, proxy.scheduler; sys.exit(1 if 'trio' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", probe]).returncode == 1
