@@ -177,6 +177,7 @@ class Weir:
                 duration_ms=round((time.perf_counter() - ex.started) * 1000.0, 3),
                 upstream_ms=round(ex.upstream_s * 1000.0, 3),
                 bytes_out=ex.bytes_out,
+                dropped=ex.dropped or None,
             )
         )
 

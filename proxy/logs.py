@@ -72,6 +72,7 @@ class AccessRecord(msgspec.Struct):
     level: str = "info"
     logger: str = "weir.access"
     msg: str = "request"
+    dropped: tuple[str, ...] | None = None  # request fields the target's translation could not carry
 
 
 class AccessLog:

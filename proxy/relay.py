@@ -70,6 +70,8 @@ class Exchange:
     bytes_out: int = 0
     error: str = ""
     outcome: str = ""
+    # Request fields the target's translation dropped (proxy/translate/to_openai.py).
+    dropped: tuple[str, ...] = ()
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     # Set by the rate limiter: read the reply's usage to settle the estimate,
     # and report Weir's anthropic-ratelimit-* headers instead of the upstream's.

@@ -300,7 +300,7 @@ class Router:
                             # behind it may still break. Judged when it ends.
                             judged, permit = permit, None
                             held.push_async_exit(_verdict(lane, judged, ex))
-                            return await self._deliver(ex, label, resp, stack, held)
+                            return await self._deliver(ex, label, resp, stack, held, leg.dropped)
                         # 5xx and 529 blame the target; 4xx (429 included) blame the request or a key.
                         lane.breaker.record(permit, status < 500, now)
                         permit = None
@@ -321,7 +321,7 @@ class Router:
                         else:
                             decision = self.retry.decide(attempt=attempt, outcome=outcome, now=now, deadline=head_deadline, first_byte_sent=ex.head_sent)
                         if isinstance(decision, GiveUp) and (not decision.failover or last):
-                            return await self._deliver(ex, label, resp, stack, held)
+                            return await self._deliver(ex, label, resp, stack, held, leg.dropped)
                         if isinstance(decision, GiveUp):
                             failures.note(_RANK_RESPONSE, await _error_of(resp))
                             return None
@@ -343,10 +343,15 @@ class Router:
             if delay > 0:
                 await trio.sleep(delay)
 
-    async def _deliver(self, ex: Exchange, label: str, resp: UpstreamResponse, stack: AsyncExitStack, held: AsyncExitStack) -> UpstreamResponse:
+    async def _deliver(
+        self, ex: Exchange, label: str, resp: UpstreamResponse, stack: AsyncExitStack, held: AsyncExitStack, dropped: tuple[str, ...]
+    ) -> UpstreamResponse:
         """Hand the response — and the slot and connection it holds — to the caller."""
         ex.target = label
         ex.extra_headers.append((b"x-weir-target", label.encode()))
+        if dropped:  # what the translation for this target could not carry: said, never silent
+            ex.dropped = dropped
+            ex.extra_headers.append((b"x-weir-dropped", ",".join(dropped).encode()))
         await held.enter_async_context(stack.pop_all())
         return resp
 

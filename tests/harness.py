@@ -8,6 +8,7 @@ that ends stops them.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -130,16 +131,25 @@ async def anthropic_sdk_round_trip(client: Any) -> None:
     assert use.name == "get_weather" and isinstance(use.input, dict)
 
 
+# Claude Code 2.1.x sends eight betas with every main-loop request.
 CLAUDE_CODE_BETA = (
     "claude-code-20250219,oauth-2025-04-20,interleaved-thinking-2025-05-14,"
-    "fine-grained-tool-streaming-2025-05-14,context-management-2025-06-27,context-1m-2025-08-07"
+    "fine-grained-tool-streaming-2025-05-14,context-management-2025-06-27,context-1m-2025-08-07,"
+    "thinking-display-updates-2026-08-18,mid-conversation-system-clear-at-2026-08-21"
 )
+CLAUDE_CODE_MODEL = "claude-opus-5-5"
+# What a request shaped like Claude Code's carries that chat completions
+# cannot: the translation must report exactly these (x-weir-dropped).
+CLAUDE_CODE_DROPPED = "context_management,weir_never_heard_of_this"
 
 
-def claude_code_body(stream: bool = True, tools: int = 12) -> bytes:
-    """A request shaped like Claude Code's: beta features, a dozen tools,
-    thinking, context management, metadata — and keys in Claude Code's order,
-    with a field Weir has never heard of, so byte-identity means something."""
+def claude_code_request(stream: bool = True, tools: int = 12) -> dict[str, Any]:
+    """A request shaped like Claude Code 2.1.x's: a dozen tools, metadata, a
+    ``role: "system"`` item after the first user turn, adaptive thinking,
+    ``output_config``, ``context_management``, 128k ``max_tokens`` — keys in
+    Claude Code's order, with a field Weir has never heard of, so
+    byte-identity means something. Sent to ``/v1/messages?beta=true`` with
+    ``CLAUDE_CODE_BETA``."""
     tool_defs = [
         {
             "name": f"Tool{i}",
@@ -155,28 +165,30 @@ def claude_code_body(stream: bool = True, tools: int = 12) -> bytes:
         for i in range(tools)
     ]
     doc = {
-        "model": "claude-sonnet-4-5-20250929",
+        "model": CLAUDE_CODE_MODEL,
         "messages": [
             {"role": "user", "content": [{"type": "text", "text": "<system-reminder>ctx</system-reminder>"}, {"type": "text", "text": "List the files.", "cache_control": {"type": "ephemeral"}}]},
+            {"role": "system", "content": [{"type": "text", "text": "# Environment\nWorking directory: /work\nPlatform: linux"}]},
             {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_01", "name": "Tool0", "input": {"path": "."}}]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "a.py\nb.py"}]},
         ],
-        "temperature": 1,
         "system": [
             {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude.", "cache_control": {"type": "ephemeral"}},
             {"type": "text", "text": "Be helpful. " * 200},
         ],
         "tools": tool_defs,
         "metadata": {"user_id": "user_abc_account_def_session_123"},
-        "max_tokens": 32000,
-        "thinking": {"budget_tokens": 31999, "type": "enabled"},
+        "max_tokens": 128000,
+        "thinking": {"type": "adaptive", "display": "omitted"},
         "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
-        "output_config": {"effort": "high"},
+        "output_config": {"effort": "medium"},
         "weir_never_heard_of_this": {"nested": [1, 2.50, "\u00e9"]},
         "stream": stream,
     }
-    # Claude Code's own JSON spacing differs from msgspec's: keep a space after
-    # separators so a re-serializing proxy would be caught.
-    import json
+    return doc
 
-    return json.dumps(doc, separators=(", ", ": "), ensure_ascii=False).encode()
+
+def claude_code_body(stream: bool = True, tools: int = 12) -> bytes:
+    """``claude_code_request`` as bytes, spaced as Claude Code spaces them: a
+    space after separators, unlike msgspec, so a re-serializing proxy is caught."""
+    return json.dumps(claude_code_request(stream, tools), separators=(", ", ": "), ensure_ascii=False).encode()

@@ -98,7 +98,7 @@ def claude_code_request():
 
 
 def test_claude_code_request_becomes_this_chat_completions_request():
-    out = anthropic_request_to_openai(claude_code_request(), model="meta/llama-3.3-70b-instruct")
+    out = anthropic_request_to_openai(claude_code_request(), model="meta/llama-3.3-70b-instruct").body
     assert out["model"] == "meta/llama-3.3-70b-instruct"
     assert out["messages"] == [
         {"role": "system", "content": "You are Claude Code, Anthropic's official CLI for Claude.\n\nYou are an interactive CLI tool..."},
@@ -138,6 +138,129 @@ def test_claude_code_request_becomes_this_chat_completions_request():
     assert "cache_control" not in json.dumps(out)
 
 
+def claude_code_2_request():
+    """Claude Code 2.1.x: a system item after the first user turn, adaptive
+    thinking, output_config, context_management, a server tool."""
+    req = claude_code_request()
+    req["model"], req["max_tokens"] = "claude-opus-5-5", 128000
+    req["thinking"] = {"type": "adaptive", "display": "omitted"}
+    req["output_config"] = {"effort": "medium"}
+    req["context_management"] = {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}
+    req["messages"].insert(1, {"role": "system", "content": [{"type": "text", "text": "# Environment\nplatform: linux"}]})
+    req["tools"].append({"type": "web_search_20250305", "name": "web_search", "max_uses": 5})
+    return req
+
+
+def test_claude_code_2_request_system_item_effort_and_dropped_fields():
+    out = anthropic_request_to_openai(claude_code_2_request(), model="deepseek-ai/deepseek-r1")
+    roles = [m["role"] for m in out.body["messages"]]
+    # The system item stays where it was: after the first user turn.
+    assert roles[:3] == ["system", "user", "system"]
+    assert out.body["messages"][2] == {"role": "system", "content": "# Environment\nplatform: linux"}
+    assert out.body["reasoning_effort"] == "medium" and out.body["max_tokens"] == 128000
+    assert out.dropped == ("tools.web_search_20250305", "context_management")
+    assert len(out.body["tools"]) == 12 and "web_search" not in out.tool_names and "Read" in out.tool_names
+    assert out.omit_thinking is True
+    assert not {"thinking", "output_config", "context_management"} & out.body.keys()
+
+
+@pytest.mark.parametrize(
+    ("thinking", "config", "effort"),
+    [
+        ({"type": "adaptive"}, None, "high"),  # Anthropic's default effort
+        ({"type": "adaptive"}, {"effort": "low"}, "low"),
+        ({"type": "adaptive", "display": "omitted"}, {"effort": "max"}, "high"),  # no "max" in OpenAI's words
+        ({"type": "adaptive"}, {"effort": "xhigh"}, "high"),
+        (None, {"effort": "medium"}, "medium"),
+        ({"type": "enabled", "budget_tokens": 2048}, {"effort": "high"}, "low"),  # a budget keeps its mapping
+        ({"type": "disabled"}, None, None),
+        (None, None, None),
+    ],
+)
+def test_adaptive_thinking_and_effort_to_reasoning_effort(thinking, config, effort):
+    req = {"model": "m", "max_tokens": 64000, "messages": [{"role": "user", "content": "hi"}]}
+    if thinking is not None:
+        req["thinking"] = thinking
+    if config is not None:
+        req["output_config"] = config
+    out = anthropic_request_to_openai(req)
+    assert out.body.get("reasoning_effort") == effort
+    assert out.dropped == ()
+
+
+def test_system_items_clear_at_and_per_turn_effort():
+    req = {
+        "model": "m",
+        "max_tokens": 100,
+        "thinking": {"type": "adaptive"},
+        "output_config": {"effort": "low"},
+        "messages": [
+            {"role": "user", "content": "one"},
+            {"role": "system", "content": "only for turn one", "clear_at": "next_user_message"},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "two"},
+            {"role": "system", "content": [{"type": "text", "text": "still shown"}], "clear_at": "next_user_message", "output_config": {"effort": "high"}},
+            {"role": "system", "content": "", "output_config": {}},
+        ],
+    }
+    out = anthropic_request_to_openai(req)
+    assert out.body["messages"] == [
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "two"},
+        {"role": "system", "content": "still shown"},
+    ]
+    assert out.body["reasoning_effort"] == "high"  # the newest effort wins
+    assert out.dropped == ()
+
+
+def test_structured_output_becomes_response_format():
+    schema_ = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+    base = {"model": "m", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
+    for req in ({**base, "output_config": {"format": {"type": "json_schema", "schema": schema_}}}, {**base, "output_format": {"type": "json_schema", "schema": schema_}}):
+        out = anthropic_request_to_openai(req)
+        assert out.body["response_format"] == {"type": "json_schema", "json_schema": {"name": "output", "schema": schema_, "strict": True}}
+        assert out.dropped == ()
+    out = anthropic_request_to_openai({**base, "output_config": {"format": {"type": "xml"}}})
+    assert "response_format" not in out.body and out.dropped == ("output_config.format",)
+
+
+def test_every_field_without_openai_meaning_is_reported_once():
+    req = {
+        "model": "m",
+        "max_tokens": 100,
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "system", "content": [{"type": "text", "text": "x"}, {"type": "tool_addition", "name": "T"}], "output_config": {"effort": "low", "verbosity": 1}},
+        ],
+        "tools": [
+            {"name": "A", "input_schema": {"type": "object"}, "defer_loading": True, "strict": True},
+            {"name": "B", "input_schema": {"type": "object"}, "defer_loading": True},
+            {"type": "code_execution_20250825", "name": "code_execution"},
+        ],
+        "metadata": {"user_id": "u", "session": "s"},
+        "output_config": {"effort": "low", "task_budget": 5},
+        "thinking": {"type": "adaptive", "interleave": True},
+        "top_k": 5,
+        "service_tier": "auto",
+        "container": "c",
+        "mcp_servers": [],
+        "speed": "fast",
+        "cache_control": {"type": "ephemeral"},  # left to the server's prefix caching: not reported
+        "future_field": {},
+    }
+    out = anthropic_request_to_openai(req)
+    assert sorted(out.dropped) == sorted(
+        [
+            "messages.system.tool_addition", "messages.system.output_config.verbosity", "tools.defer_loading",
+            "tools.code_execution_20250825", "metadata.session", "output_config.task_budget", "thinking.interleave",
+            "top_k", "service_tier", "container", "mcp_servers", "speed", "future_field",
+        ]
+    )  # fmt: skip
+    assert out.body["tools"][0]["function"]["strict"] is True and "strict" not in out.body["tools"][1]["function"]
+    assert out.body["user"] == "u"
+
+
 @pytest.mark.parametrize(
     ("choice", "expected"),
     [
@@ -150,14 +273,14 @@ def test_claude_code_request_becomes_this_chat_completions_request():
 )
 def test_tool_choice_to_openai(choice, expected):
     req = {"model": "m", "max_tokens": 5, "messages": [], "tools": [{"name": "Bash", "input_schema": schema("Bash")}], "tool_choice": choice}
-    out = anthropic_request_to_openai(req)
+    out = anthropic_request_to_openai(req).body
     assert {k: out[k] for k in ("tool_choice", "parallel_tool_calls") if k in out} == expected
 
 
 @pytest.mark.parametrize(("budget", "effort"), [(1024, "low"), (4000, "low"), (10000, "medium"), (16384, "medium"), (31999, "high")])
 def test_thinking_budget_to_reasoning_effort(budget, effort):
     req = {"model": "m", "max_tokens": 64000, "messages": [], "thinking": {"type": "enabled", "budget_tokens": budget}}
-    assert anthropic_request_to_openai(req)["reasoning_effort"] == effort
+    assert anthropic_request_to_openai(req).body["reasoning_effort"] == effort
 
 
 def test_disabled_thinking_stop_sequences_and_server_tools():
@@ -172,14 +295,16 @@ def test_disabled_thinking_stop_sequences_and_server_tools():
         "tool_choice": {"type": "auto"},
     }
     out = anthropic_request_to_openai(req)
-    assert out == {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stop": ["END"]}
+    assert out.dropped == ("tools.web_search_20250305", "top_k")
+    assert out.body == {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stop": ["END"]}
 
 
 @pytest.mark.parametrize(
     "req",
     [
         {"messages": "hi"},
-        {"messages": [{"role": "system", "content": "x"}]},
+        {"messages": [{"role": "developer", "content": "x"}]},
+        {"messages": [{"role": "system", "content": 5}]},
         {"messages": [{"role": "user", "content": 5}]},
         {"messages": [{"role": "user", "content": [{"type": "mystery"}]}]},
         {"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "f"}}]}]},
@@ -236,6 +361,25 @@ def test_openai_response_to_anthropic_message():
         "stop_sequence": None,
         "usage": {"input_tokens": 18, "output_tokens": 7, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 32},
     }
+
+
+def test_think_and_tool_call_tags_in_content_become_blocks():
+    content = '<think>\nRead it first.\n</think>\n\nReading.\n<tool_call>\n{"name": "Read", "arguments": {"arg": "a.py"}}\n</tool_call>'
+    resp = {"id": "c1", "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}
+    msg = openai_response_to_anthropic(resp, model="m", tool_names=frozenset({"Read"}))
+    assert msg["content"] == [
+        {"type": "thinking", "thinking": "Read it first.", "signature": ""},
+        {"type": "text", "text": "Reading."},
+        {"type": "tool_use", "id": "toolu_c1_t2", "name": "Read", "input": {"arg": "a.py"}},
+    ]
+    assert msg["stop_reason"] == "tool_use"  # the server said "stop"; a tool call was made
+    # display: "omitted" — no thinking, whichever way the model sent it.
+    resp["choices"][0]["message"]["reasoning_content"] = "more"
+    msg = openai_response_to_anthropic(resp, model="m", tool_names=frozenset({"Read"}), omit_thinking=True)
+    assert [b["type"] for b in msg["content"]] == ["text", "tool_use"]
+    # Without the tool declared, the tag is text.
+    msg = openai_response_to_anthropic(resp, model="m", omit_thinking=True)
+    assert [b["type"] for b in msg["content"]] == ["text"] and msg["stop_reason"] == "end_turn"
 
 
 @pytest.mark.parametrize(
@@ -471,7 +615,7 @@ def test_property_openai_request_survives_a_trip_through_anthropic(req):
     there = openai_request_to_anthropic(req)
     roles = [m["role"] for m in there["messages"]]
     assert all(a != b for a, b in zip(roles, roles[1:])), "Anthropic needs alternating turns"
-    back = anthropic_request_to_openai(there)
+    back = anthropic_request_to_openai(there).body
     assert openai_items(back["messages"]) == openai_items(req["messages"])
     assert back["tools"] == req["tools"]
     assert back["tool_choice"] == req["tool_choice"]
@@ -533,7 +677,7 @@ def anthropic_items(messages):
 @PROPERTY
 @given(anthropic_requests())
 def test_property_anthropic_request_survives_a_trip_through_openai(req):
-    back = openai_request_to_anthropic(anthropic_request_to_openai(req))
+    back = openai_request_to_anthropic(anthropic_request_to_openai(req).body)
     assert anthropic_items(back["messages"]) == anthropic_items(req["messages"])
     assert back.get("system") == req.get("system")
     assert back["tools"] == req["tools"] and back["tool_choice"] == req["tool_choice"]

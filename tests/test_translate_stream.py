@@ -133,6 +133,41 @@ def test_vllm_reasoning_text_and_tool_call_become_three_blocks():
     assert sdk.content[2].input == {"command": "ls -la"} and sdk.stop_reason == "tool_use"
 
 
+THINKING_NIM_REPLY = (
+    '<think>\nThe user wants a.py.\n</think>\n\nLet me read it.\n'
+    '<tool_call>\n{"name": "Read", "arguments": {"file_path": "a.py"}}\n</tool_call>'
+)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 13, 1000])
+def test_think_and_tool_call_tags_split_anywhere_become_blocks(size):
+    pieces = [THINKING_NIM_REPLY[i : i + size] for i in range(0, len(THINKING_NIM_REPLY), size)]
+    out = run([chunk({"role": "assistant", "content": ""}), *[chunk({"content": p}) for p in pieces], chunk({}, "stop")], tool_names=frozenset({"Read"}))
+    msg = validate_anthropic_stream(out)
+    assert msg["content"] == [
+        {"type": "thinking", "thinking": "The user wants a.py.", "signature": ""},
+        {"type": "text", "text": "Let me read it."},
+        {"type": "tool_use", "id": "toolu_msg_chatcmpl-abc_t0", "name": "Read", "input": {"file_path": "a.py"}},
+    ]
+    assert msg["stop_reason"] == "tool_use"
+    sdk = sdk_message(out)
+    assert [b.type for b in sdk.content] == ["thinking", "text", "tool_use"] and sdk.content[2].input == {"file_path": "a.py"}
+
+
+def test_omitted_thinking_sends_no_thinking_block():
+    out = run(
+        [chunk({"role": "assistant", "reasoning_content": "hmm"}), chunk({"content": "<think>x</think>Hi"}), chunk({}, "stop")],
+        omit_thinking=True,
+    )
+    assert validate_anthropic_stream(out)["content"] == [{"type": "text", "text": "Hi"}]
+
+
+def test_a_stream_cut_inside_a_tool_call_tag_keeps_the_text():
+    out = run([chunk({"role": "assistant", "content": 'ok\n<tool_call>{"name": "Re'}), chunk({}, "length")], tool_names=frozenset({"Read"}))
+    msg = validate_anthropic_stream(out)
+    assert msg["content"] == [{"type": "text", "text": 'ok\n<tool_call>{"name": "Re'}] and msg["stop_reason"] == "max_tokens"
+
+
 def test_openrouter_reasoning_field_is_read_too():
     msg = validate_anthropic_stream(run([chunk({"reasoning": "hmm"}), chunk({"content": "ok"}, "stop")]))
     assert [b["type"] for b in msg["content"]] == ["thinking", "text"]

@@ -15,7 +15,9 @@ from .to_anthropic import (
     map_stop_reason,
     openai_request_to_anthropic,
 )
+from .inline_tags import InlineTagParser
 from .to_openai import (
+    OpenAIRequest,
     OpenAIStreamToAnthropic,
     anthropic_request_to_openai,
     map_finish_reason,
@@ -25,6 +27,8 @@ from .to_openai import (
 __all__ = [
     "TranslationError",
     "anthropic_request_to_openai",
+    "OpenAIRequest",
+    "InlineTagParser",
     "openai_response_to_anthropic",
     "OpenAIStreamToAnthropic",
     "map_finish_reason",

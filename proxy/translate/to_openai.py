@@ -8,34 +8,53 @@ returns.
 
 What does not cross, and why (everything else maps one to one):
 
-* Top-level fields with no chat-completions meaning are dropped: ``top_k``
-  (not in OpenAI's schema; api.openai.com rejects it), ``metadata`` other
-  than ``user_id``, ``service_tier``, ``container``, ``mcp_servers``,
-  ``context_management``, ``output_config`` (except ``effort``, which feeds
-  ``reasoning_effort``), and every ``cache_control`` marker — the
-  OpenAI-compatible servers we target cache prompt prefixes on their own.
-* Assistant ``thinking`` / ``redacted_thinking`` blocks in the history are
-  dropped: chat completions has no input field for prior reasoning, and the
-  Anthropic signature means nothing to another model.
-* ``is_error`` on a ``tool_result`` is dropped: OpenAI's tool message has no
-  such flag; Claude Code already words the failure in the content.
-* Server tools (``web_search_…``, ``code_execution_…``: a ``type`` other than
-  ``custom`` and no ``input_schema``) are dropped: only Anthropic can run them.
+* Fields with no chat-completions meaning are dropped *and reported*: the
+  translation returns their dotted names (``OpenAIRequest.dropped``), which
+  the client sees in ``x-weir-dropped`` and the access log records. That
+  covers ``context_management``, ``top_k`` (not in OpenAI's schema;
+  api.openai.com rejects it), ``service_tier``, ``container``,
+  ``mcp_servers``, any top-level field this module does not know,
+  ``metadata`` keys other than ``user_id``, ``output_config`` keys other than
+  ``effort`` and ``format``, tool fields other than ``strict``, and server
+  tools (``web_search_…``, ``code_execution_…``: a ``type`` other than
+  ``custom`` and no ``input_schema``) — only Anthropic can run those.
+* Left behind without a report, because they cannot cross by nature and
+  every Claude Code turn carries them: ``cache_control`` markers (the
+  OpenAI-compatible servers we target cache prompt prefixes on their own),
+  assistant ``thinking`` / ``redacted_thinking`` blocks in the history
+  (chat completions has no input field for prior reasoning, and the
+  Anthropic signature means nothing to another model), and ``is_error`` on
+  a ``tool_result`` (OpenAI's tool message has no such flag; Claude Code
+  already words the failure in the content).
+* ``role: "system"`` items inside ``messages`` (Claude Code 2.x sends its
+  environment notes so) become system messages at the same place;
+  ``clear_at`` and their per-turn ``output_config.effort`` are honoured.
+* ``thinking`` and ``output_config.effort`` become ``reasoning_effort``: a
+  ``budget_tokens`` by its size, otherwise the newest effort word, with
+  adaptive thinking's default (``high``) when none is given.
+  ``display: "omitted"`` is honoured on the way back: no thinking blocks.
+* ``output_config.format`` (and the beta's ``output_format``) becomes
+  ``response_format: json_schema``.
 * ``max_tokens`` is sent as ``max_tokens`` only, not ``max_completion_tokens``:
   vLLM, NIM, Ollama and OpenRouter all honour ``max_tokens``, while several of
   them reject or ignore the newer name.
+
+On the way back, ``<think>`` and ``<tool_call>`` tags a model wrote into its
+text become thinking and ``tool_use`` blocks (``inline_tags``).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import error_event
 from ..sse import encode_event
 from ._common import TranslationError, budget_to_effort, encode_json, parse_arguments
+from .inline_tags import InlineTagParser, Segment
 
 __all__ = [
+    "OpenAIRequest",
     "anthropic_request_to_openai",
     "openai_response_to_anthropic",
     "OpenAIStreamToAnthropic",
@@ -199,35 +218,176 @@ def _assistant_message(content: Any, out: list[dict[str, Any]]) -> None:
     out.append(message)
 
 
-def _tool(tool: Any) -> dict[str, Any] | None:
+class _Dropped:
+    """What the client asked for that the OpenAI request cannot carry, named once each, in order."""
+
+    __slots__ = ("names",)
+
+    def __init__(self) -> None:
+        self.names: dict[str, None] = {}
+
+    def add(self, name: str) -> None:
+        self.names[name] = None
+
+
+# Tool fields that cross; ``cache_control`` is left behind knowingly (see the
+# module docstring), anything else a tool carries is reported as dropped.
+_TOOL_FIELDS = frozenset({"name", "description", "input_schema", "type", "cache_control", "strict"})
+
+
+def _tool(tool: Any, dropped: _Dropped) -> dict[str, Any] | None:
     _require(isinstance(tool, dict) and isinstance(tool.get("name"), str), "each tool needs a name")
     if "input_schema" not in tool and tool.get("type") not in (None, "custom"):
-        return None  # a server tool: see the module docstring
+        dropped.add(f"tools.{tool['type']}")  # a server tool: see the module docstring
+        return None
     function: dict[str, Any] = {"name": tool["name"]}
     if tool.get("description") is not None:
         function["description"] = tool["description"]
     function["parameters"] = tool.get("input_schema") or {"type": "object", "properties": {}}
+    if isinstance(tool.get("strict"), bool):
+        function["strict"] = tool["strict"]
+    for key in tool.keys() - _TOOL_FIELDS:
+        dropped.add(f"tools.{key}")
     return {"type": "function", "function": function}
 
 
-def anthropic_request_to_openai(req: dict[str, Any], *, model: str | None = None) -> dict[str, Any]:
+def _system_message(message: dict[str, Any], later_user: bool, out: list[dict[str, Any]], dropped: _Dropped) -> str | None:
+    """A ``role: "system"`` item of ``messages``; returns its per-turn effort, if any.
+
+    ``clear_at: "next_user_message"`` is honoured as Anthropic defines it:
+    the text is shown only until a later user message exists.
+    """
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = []
+        for block in content:
+            _require(isinstance(block, dict), "content blocks must be objects")
+            if block.get("type") == "text":
+                texts.append(block.get("text", ""))
+            else:
+                # Tool additions and removals mid-conversation: chat
+                # completions has one tool list per request.
+                dropped.add(f"messages.system.{block.get('type')}")
+        text = "\n\n".join(texts)
+    else:
+        _require(isinstance(content, str) or content is None, "message content must be a string or a list of blocks")
+        text = content or ""
+    for key in message.keys() - {"role", "content", "clear_at", "output_config"}:
+        dropped.add(f"messages.system.{key}")
+    if text and not (message.get("clear_at") == "next_user_message" and later_user):
+        out.append({"role": "system", "content": text})
+    config = message.get("output_config")
+    if not isinstance(config, dict):
+        return None
+    for key in config.keys() - {"effort"}:
+        dropped.add(f"messages.system.output_config.{key}")
+    effort = config.get("effort")
+    return effort if isinstance(effort, str) else None
+
+
+# Anthropic's effort words are OpenAI's reasoning_effort words, plus two above
+# "high" that OpenAI-compatible servers do not take.
+_EFFORT_TO_OPENAI = {"xhigh": "high", "max": "high"}
+# Anthropic's documented default effort when adaptive thinking names none.
+_ADAPTIVE_DEFAULT_EFFORT = "high"
+# Top-level request fields this translator maps (or, for ``cache_control``,
+# leaves to the server's own prefix caching); every other field is reported.
+_MAPPED = frozenset(
+    {
+        "model", "messages", "system", "max_tokens", "temperature", "top_p", "stop_sequences", "stream",
+        "tools", "tool_choice", "thinking", "metadata", "output_config", "output_format", "cache_control",
+    }
+)  # fmt: skip
+
+
+def _reasoning_effort(req: dict[str, Any], turn_effort: str | None, dropped: _Dropped) -> str | None:
+    """``thinking`` and ``output_config.effort`` → OpenAI's ``reasoning_effort`` (None: send none).
+
+    A budget keeps its token mapping (``budget_to_effort``); otherwise the
+    newest effort wins: a system message's per-turn one, then the request's.
+    Adaptive thinking without any effort gets Anthropic's default.
+    """
+    thinking = req.get("thinking")
+    config = req.get("output_config")
+    effort = config.get("effort") if isinstance(config, dict) else None
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if isinstance(thinking, dict):
+        for key in thinking.keys() - {"type", "budget_tokens", "display"}:
+            dropped.add(f"thinking.{key}")
+    if kind == "enabled":
+        budget = thinking.get("budget_tokens")  # type: ignore[union-attr]
+        return budget_to_effort(budget if isinstance(budget, int) else 0)
+    if kind == "disabled":
+        if effort or turn_effort:
+            dropped.add("output_config.effort")
+        return None
+    if thinking is not None and kind not in ("adaptive", None):
+        dropped.add("thinking")
+    chosen = turn_effort or effort
+    if isinstance(chosen, str):
+        return _EFFORT_TO_OPENAI.get(chosen, chosen)
+    return _ADAPTIVE_DEFAULT_EFFORT if kind == "adaptive" else None
+
+
+def _response_format(req: dict[str, Any], dropped: _Dropped) -> dict[str, Any] | None:
+    """Structured output: ``output_config.format`` (or the beta's top-level ``output_format``) → ``response_format``.
+
+    ``strict`` because Anthropic guarantees the schema; servers without
+    strict mode (vLLM, Ollama) constrain decoding to the schema anyway.
+    """
+    config = req.get("output_config")
+    fmt = config.get("format") if isinstance(config, dict) else None
+    fmt = fmt or req.get("output_format")
+    if fmt is None:
+        return None
+    if not (isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict)):
+        dropped.add("output_config.format")
+        return None
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"], "strict": True}}
+
+
+class OpenAIRequest(NamedTuple):
+    """A translated request, and what its reply's translation needs to know.
+
+    ``dropped``: the client's fields that had no OpenAI meaning, as dotted
+    names (``context_management``, ``tools.web_search_20250305``); the
+    adapter reports them in ``x-weir-dropped`` and the access log.
+    ``tool_names``: the tools the request declared, for ``<tool_call>`` text.
+    ``omit_thinking``: the client asked for ``display: "omitted"``.
+    """
+
+    body: dict[str, Any]
+    dropped: tuple[str, ...]
+    tool_names: frozenset[str]
+    omit_thinking: bool
+
+
+def anthropic_request_to_openai(req: dict[str, Any], *, model: str | None = None) -> OpenAIRequest:
     """A Messages request → a chat.completions request for ``model`` (default: the request's)."""
     _require(isinstance(req, dict), "the request body must be a JSON object")
     messages_in = req.get("messages")
     _require(isinstance(messages_in, list), "messages must be a list")
+    dropped = _Dropped()
     messages: list[dict[str, Any]] = []
     if req.get("system"):
         messages.append({"role": "system", "content": _text_of(req["system"], "system")})
-    for message in messages_in:
+    last_user = max((i for i, m in enumerate(messages_in) if isinstance(m, dict) and m.get("role") == "user"), default=-1)
+    turn_effort: str | None = None
+    for i, message in enumerate(messages_in):
         _require(isinstance(message, dict), "each message must be an object")
         role, content = message.get("role"), message.get("content")
+        if role == "system":
+            # Claude Code 2.x puts its environment notes here, after the first
+            # user turn: a system message at the same place.
+            turn_effort = _system_message(message, i < last_user, messages, dropped) or turn_effort
+            continue
         _require(isinstance(content, (str, list)), "message content must be a string or a list of blocks")
         if role == "user":
             _user_message(content, messages)
         elif role == "assistant":
             _assistant_message(content, messages)
         else:
-            raise TranslationError(f"message role {role!r} is not user or assistant")
+            raise TranslationError(f"message role {role!r} is not user, assistant or system")
 
     out: dict[str, Any] = {"model": model or req.get("model"), "messages": messages}
     if "max_tokens" in req:
@@ -243,7 +403,7 @@ def anthropic_request_to_openai(req: dict[str, Any], *, model: str | None = None
         # Anthropic message_delta would have to guess output_tokens.
         out["stream_options"] = {"include_usage": True}
 
-    tools = [t for t in (_tool(t) for t in req.get("tools") or []) if t is not None]
+    tools = [t for t in (_tool(t, dropped) for t in req.get("tools") or []) if t is not None]
     if tools:
         out["tools"] = tools
         choice = req.get("tool_choice")
@@ -262,18 +422,33 @@ def anthropic_request_to_openai(req: dict[str, Any], *, model: str | None = None
             if choice.get("disable_parallel_tool_use") and kind != "none":
                 out["parallel_tool_calls"] = False
 
-    thinking = req.get("thinking")
-    effort = (req.get("output_config") or {}).get("effort") if isinstance(req.get("output_config"), dict) else None
-    if isinstance(thinking, dict) and thinking.get("type") == "enabled":
-        out["reasoning_effort"] = budget_to_effort(int(thinking.get("budget_tokens") or 0))
-    elif isinstance(thinking, dict) and thinking.get("type") == "adaptive" or effort:
-        # Anthropic's effort words are OpenAI's, plus "max" which OpenAI lacks.
-        out["reasoning_effort"] = {"max": "high"}.get(effort, effort) if effort else "medium"
+    effort = _reasoning_effort(req, turn_effort, dropped)
+    if effort is not None:
+        out["reasoning_effort"] = effort
+    response_format = _response_format(req, dropped)
+    if response_format is not None:
+        out["response_format"] = response_format
+    config = req.get("output_config")
+    if isinstance(config, dict):
+        for key in config.keys() - {"effort", "format"}:
+            dropped.add(f"output_config.{key}")
 
     metadata = req.get("metadata")
-    if isinstance(metadata, dict) and metadata.get("user_id"):
-        out["user"] = metadata["user_id"]
-    return out
+    if isinstance(metadata, dict):
+        if metadata.get("user_id"):
+            out["user"] = metadata["user_id"]
+        for key in metadata.keys() - {"user_id"}:
+            dropped.add(f"metadata.{key}")
+    for key in req:
+        if key not in _MAPPED:
+            dropped.add(key)
+    thinking = req.get("thinking")
+    return OpenAIRequest(
+        body=out,
+        dropped=tuple(dropped.names),
+        tool_names=frozenset(t["function"]["name"] for t in tools),
+        omit_thinking=isinstance(thinking, dict) and thinking.get("display") == "omitted",
+    )
 
 
 # ---------------------------------------------------------------- response
@@ -297,10 +472,15 @@ def _reasoning_of(obj: dict[str, Any]) -> str | None:
     return obj.get("reasoning_content") or obj.get("reasoning") or None
 
 
-def openai_response_to_anthropic(resp: dict[str, Any], *, model: str) -> dict[str, Any]:
+def openai_response_to_anthropic(
+    resp: dict[str, Any], *, model: str, tool_names: frozenset[str] = frozenset(), omit_thinking: bool = False
+) -> dict[str, Any]:
     """A chat.completion → a Messages response naming ``model`` (the one the client asked for).
 
-    Only ``choices[0]`` is read: Anthropic has no ``n``, and we never ask for more.
+    Only ``choices[0]`` is read: Anthropic has no ``n``, and we never ask for
+    more. ``tool_names`` and ``omit_thinking`` come from the request
+    (``OpenAIRequest``): which ``<tool_call>`` texts are real tool calls, and
+    whether the client wants its thinking shown.
     """
     choices = resp.get("choices") or []
     _require(bool(choices) and isinstance(choices[0], dict), "the upstream response has no choices")
@@ -308,13 +488,22 @@ def openai_response_to_anthropic(resp: dict[str, Any], *, model: str) -> dict[st
     message = choice.get("message") or {}
     content: list[dict[str, Any]] = []
     reasoning = _reasoning_of(message)
-    if reasoning:
+    if reasoning and not omit_thinking:
         content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
     text = message.get("content")
     if isinstance(text, list):  # a few servers answer with parts
         text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
-    if text:
-        content.append({"type": "text", "text": text})
+    if isinstance(text, str) and text:
+        parser = InlineTagParser(tool_names)
+        for kind, value in parser.feed(text) + parser.finish():
+            if kind == "tool_use":
+                content.append({"type": "tool_use", "id": f"toolu_{resp.get('id', '')}_t{len(content)}", **value})
+            elif kind == "thinking" and omit_thinking:
+                continue
+            elif content and content[-1]["type"] == kind:
+                content[-1][kind] += value  # text or thinking: the block's text key is its type
+            else:
+                content.append({"type": kind, kind: value, **({"signature": ""} if kind == "thinking" else {})})
     if message.get("refusal"):
         content.append({"type": "text", "text": message["refusal"]})
     for i, call in enumerate(message.get("tool_calls") or []):
@@ -402,12 +591,15 @@ class OpenAIStreamToAnthropic:
         message_id: str | None = None,
         input_tokens_estimate: int = 0,
         buffer_tool_calls: bool = False,
+        tool_names: frozenset[str] = frozenset(),
+        omit_thinking: bool = False,
     ) -> None:
         # message_id: None → "msg_" + the upstream chunk id, as the whole-response path does.
         # input_tokens_estimate: 0 unless the caller counted the prompt; OpenAI servers
         #   report prompt tokens only at the end, and message_delta then carries the real count.
         # buffer_tool_calls: False, because every server we target streams tool calls in
         #   order, and buffering would hold a large Write/Edit input back until the end.
+        # tool_names, omit_thinking: from the request (OpenAIRequest), as for whole responses.
         self.state = self.IDLE
         self._model = model
         self._message_id = message_id
@@ -424,6 +616,9 @@ class OpenAIStreamToAnthropic:
         self._matched_stop: Any = None
         self._usage: dict[str, Any] | None = None
         self._chars = 0
+        self._tags = InlineTagParser(tool_names)
+        self._omit_thinking = omit_thinking
+        self._text_tools = 0  # tool calls written as <tool_call> text so far
 
     # -- public
 
@@ -441,10 +636,10 @@ class OpenAIStreamToAnthropic:
                 continue  # n > 1 is never requested; see openai_response_to_anthropic
             delta = choice.get("delta") or {}
             reasoning = _reasoning_of(delta)
-            if reasoning:
+            if reasoning and not self._omit_thinking:
                 self._append("thinking", reasoning, out)
-            if delta.get("content"):
-                self._append("text", delta["content"], out)
+            if isinstance(delta.get("content"), str):
+                self._segments(self._tags.feed(delta["content"]), out)
             if delta.get("refusal"):
                 self._append("text", delta["refusal"], out)
             for call in delta.get("tool_calls") or ():
@@ -468,6 +663,7 @@ class OpenAIStreamToAnthropic:
         out: list[bytes] = []
         if self.state == self.IDLE:
             self._start({}, out)
+        self._segments(self._tags.finish(), out)
         if self._finish_reason != "length" and not all(
             _is_json_object(a) for a in [*self._tool_args.values(), *(c["args"] for c in self._buffered.values())]
         ):
@@ -584,6 +780,21 @@ class OpenAIStreamToAnthropic:
             self._open(kind, out)
         key = "text" if kind == "text" else "thinking"
         out.append(self._delta({"type": f"{key}_delta", key: text}))
+
+    def _segments(self, segments: list[Segment], out: list[bytes]) -> None:
+        """Content text, parsed for inline tags: each settled piece as its block."""
+        for kind, value in segments:
+            if kind == "tool_use":
+                # Whole: the parser only yields a tool call once its JSON closed.
+                self._close(out)
+                self._open("tool_use", out, tool={"id": f"toolu_{self._message_id}_t{self._text_tools}", "name": value["name"]})
+                self._text_tools += 1
+                args = encode_json(value["input"]).decode()
+                self._chars += len(args)
+                out.append(self._delta({"type": "input_json_delta", "partial_json": args}))
+                self._close(out)
+            elif kind == "text" or not self._omit_thinking:
+                self._append(kind, value, out)
 
     def _tool_delta(self, call: dict[str, Any], chunk: dict[str, Any], out: list[bytes]) -> None:
         index = call.get("index", 0)

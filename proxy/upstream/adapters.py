@@ -73,7 +73,10 @@ class Leg:
 
     ``mode``: ``pass`` (same dialect), ``a2o`` (Anthropic client, OpenAI
     target), ``o2a`` (OpenAI client, Anthropic target), ``models`` (an
-    OpenAI model list read by an Anthropic client).
+    OpenAI model list read by an Anthropic client). ``dropped``: the
+    client's fields the translation could not carry (reported to the client
+    in ``x-weir-dropped`` and in the access log); ``tool_names`` and
+    ``omit_thinking`` steer the reply's translation (``OpenAIRequest``).
     """
 
     request: UpstreamRequest
@@ -81,6 +84,9 @@ class Leg:
     target_kind: str
     client_model: str
     include_usage: bool = False
+    dropped: tuple[str, ...] = ()
+    tool_names: frozenset[str] = frozenset()
+    omit_thinking: bool = False
 
 
 class BufferedResponse:
@@ -215,10 +221,13 @@ def prepare(req: UpstreamRequest, *, kind: str, model: str) -> Leg:
             except TranslationError as exc:
                 raise ProxyError(400, f"cannot translate the request for an OpenAI-compatible upstream: {exc}", "invalid_request_error") from None
             return Leg(
-                _replace(req, path="/chat/completions", query=b"", headers=headers, body=_dumps(out)),
+                _replace(req, path="/chat/completions", query=b"", headers=headers, body=_dumps(out.body)),
                 "a2o",
                 kind,
                 req.model,
+                dropped=out.dropped,
+                tool_names=out.tool_names,
+                omit_thinking=out.omit_thinking,
             )
         if path == "/v1/models" or path.startswith("/v1/models/"):
             return Leg(_replace(req, path=path[3:], query=b"", headers=headers), "models", kind, req.model)
@@ -327,11 +336,11 @@ async def wrap(leg: Leg, raw: UpstreamResponse) -> UpstreamResponse:
         if not is_sse:
             doc = _json_of(await raw.read(_BODY_LIMIT))
             try:
-                out = openai_response_to_anthropic(doc, model=leg.client_model)
+                out = openai_response_to_anthropic(doc, model=leg.client_model, tool_names=leg.tool_names, omit_thinking=leg.omit_thinking)
             except TranslationError as exc:
                 raise UpstreamError("protocol", f"cannot translate the upstream's reply: {exc}") from None
             return _buffered(raw.status, _plain_headers(raw), _dumps(out))
-        a = OpenAIStreamToAnthropic(model=leg.client_model)
+        a = OpenAIStreamToAnthropic(model=leg.client_model, tool_names=leg.tool_names, omit_thinking=leg.omit_thinking)
 
         def on_openai(ev: Event) -> list[bytes]:
             data = ev.data.strip()
