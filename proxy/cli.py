@@ -50,6 +50,9 @@ def hypercorn_config(settings: Settings) -> Any:
     config.accesslog = None  # Weir writes its own JSON access log
     config.errorlog = logging.getLogger("hypercorn.error")
     config.include_server_header = False
+    # Read by proxy/server.py's connection guard (not Hypercorn settings).
+    config.header_timeout_s = s.header_timeout_s
+    config.body_idle_s = s.body_idle_s
     return config
 
 
@@ -65,11 +68,10 @@ def _reuse_port_socket(host: str, port: int) -> socket.socket:
 
 async def serve(settings: Settings, *, sock: socket.socket | None = None, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
     """One worker: the app under Hypercorn in this trio run, until a signal drains it."""
-    from hypercorn.app_wrappers import ASGIWrapper
     from hypercorn.config import Sockets
-    from hypercorn.trio import worker_serve
 
     from .app import build_app
+    from .server import worker_serve
 
     config = hypercorn_config(settings)
     sockets = None
@@ -96,7 +98,7 @@ async def serve(settings: Settings, *, sock: socket.socket | None = None, task_s
                     nursery.cancel_scope.cancel()
 
         async def run_server(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-            await worker_serve(ASGIWrapper(app), config, sockets=sockets, shutdown_trigger=drained.wait, task_status=task_status)
+            await worker_serve(app, config, sockets=sockets, shutdown_trigger=drained.wait, task_status=task_status)
             # Listeners closed and in-flight requests done (or cut at drain_s).
             nursery.cancel_scope.cancel()
 

@@ -57,6 +57,15 @@ class ServerSettings(_Base):
     # Idle keep-alive connections: Claude Code keeps one connection per
     # session and pauses between turns, often for longer than Hypercorn's 5 s.
     keep_alive_s: float = 75.0
+    # The whole request head must arrive within this (from accept for a
+    # connection's first request, from its first byte after that): a live
+    # client sends a head of a few KB in one round trip, and 10 s still covers
+    # three lost segments (RFC 6298: 1 s initial RTO, doubling: 1+2+4 s).
+    # Past it: 408 and close (slowloris).
+    header_timeout_s: float = 10.0
+    # Longest silence while a request body is being received: nginx's
+    # client_body_timeout default. Past it: 408 and close.
+    body_idle_s: float = 60.0
     access_log: bool = True
     log_level: str = "info"
     # Every file Weir writes lives under this directory (the SQLite L2 is

@@ -18,12 +18,11 @@ from typing import Any
 
 import msgspec
 import trio
-from hypercorn.app_wrappers import ASGIWrapper
-from hypercorn.trio import worker_serve
 
 from proxy.app import Weir, build_app
 from proxy.cli import hypercorn_config
 from mock import MockSettings, MockUpstream
+from proxy.server import worker_serve
 from proxy.settings import Settings, settings_from_dict
 
 
@@ -67,7 +66,7 @@ async def running_weir(settings: Settings, environ: dict[str, str] | None = None
     config.errorlog = logging.getLogger("hypercorn.error")
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(worker_serve, ASGIWrapper(app), config, shutdown_trigger=stop.wait))
+        binds = await nursery.start(partial(worker_serve, app, config, shutdown_trigger=stop.wait))
         server = WeirServer(app, binds[0], stop)
         yield server
         stop.set()

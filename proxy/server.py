@@ -1,0 +1,231 @@
+"""The HTTP/1.1 server under the app: Hypercorn's trio worker, one connection guarded.
+
+Hypercorn 0.18's trio connection (``hypercorn/trio/tcp_server.py``) has two
+faults a stranger can reach, and lacks two deadlines a gateway needs. Each is
+reproduced over raw sockets in ``tests/test_attack.py``.
+
+1. **A remote crash (pgjones/hypercorn#203, open).** When h11 refuses bytes on a
+   connection — data after a ``connection: close`` request, a second HTTP/1.0
+   request, pipelining after close — the task reading the socket answers 400
+   under the connection's send lock, while the app's task, finishing its own
+   response, closes the connection: ``TCPServer._close`` calls ``send_eof()``
+   *without* that lock. trio's conflict detector then makes the reader's
+   ``send_all`` raise ``BusyResourceError``; ``protocol_send`` catches only
+   ``BrokenResourceError``/``ClosedResourceError``, so it escapes the
+   connection's task group into the listener's nursery and ends
+   ``worker_serve``: the whole process exits. A send that finds the stream busy
+   being shut down is a send on a closing connection, so here it is handled as
+   one (``protocol_send`` below). That is the whole fix for the crash. The
+   bytes that most often trigger it are also no longer an error: RFC 9112
+   §9.6 says a server must not process anything after a request that closes
+   the connection, so they are ignored (``_LastRequestH11``) and the response
+   to that request completes instead of being cut by a 400.
+2. **``Connection: close`` ignored by Quart-served routes.** Hypercorn closes a
+   finished ``connection: close`` exchange inside the app's last ``send()``. It
+   first delivers ``http.disconnect``, and Quart answers that by cancelling its
+   own tasks — including the one inside ``send()`` — so ``_close()`` is
+   cancelled between ``send_eof`` and ``aclose`` and the socket stays open until
+   the client leaves. Closing is cleanup: ``_close`` is shielded here (a
+   checkpoint and two syscalls, it cannot block).
+3. **Containment.** Anything else that escapes one connection is logged with
+   its traceback and closes that connection; it never reaches the listener's
+   nursery, so one connection can no longer take the worker with it.
+4. **Deadlines Hypercorn has no knob for.** Its ``read_timeout`` bounds every
+   read, including the silence of a client waiting on a ten-minute stream, so it
+   cannot be used. Here: the request head must arrive whole within
+   ``header_timeout_s`` (from accept for the first request, from its first byte
+   for the next ones on a kept-alive connection — Hypercorn's
+   ``keep_alive_timeout`` covers the silence between requests), and a request
+   body may go silent at most ``body_idle_s``. Expiry answers 408 with
+   ``connection: close`` when nothing was answered yet, then closes.
+
+When it can go: items 1-2 when a Hypercorn release closes #203 and shields
+``_close`` — run ``tests/test_attack.py`` against it without ``install()``;
+``pyproject.toml`` pins the tested range, since this subclass relies on
+``TCPServer``'s private members (``send_lock``, ``stream``, ``protocol``).
+
+The ASGI side (``Guard``) refuses WebSocket upgrades with a 400: nothing in
+Weir speaks WebSocket, and an app that simply returns makes Hypercorn answer a
+bare 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from math import inf
+from typing import Any
+
+import h11
+import trio
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
+
+from .errors import error_body
+
+log = logging.getLogger("weir.server")
+
+__all__ = ["GuardedTCPServer", "Guard", "install", "worker_serve", "DEFAULT_HEADER_TIMEOUT_S", "DEFAULT_BODY_IDLE_S"]
+
+# Defaults for a Hypercorn Config that Weir's settings did not configure
+# (``hypercorn -c hypercorn.toml``); ServerSettings carries the same values and why.
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_BODY_IDLE_S = 60.0
+
+
+def _timeout_response(what: str) -> bytes:
+    body = error_body("timeout_error", f"{what}: the connection is closed")
+    head = (
+        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+    )
+    return head + body
+
+
+class _LastRequestH11(h11.Connection):
+    """h11 that ignores whatever follows the connection's last request.
+
+    After a ``connection: close`` or HTTP/1.0 request h11 raises on any further
+    byte, and Hypercorn then cuts the response in progress. RFC 9112 §9.6: the
+    server closes after its response and must not process further requests.
+    """
+
+    def receive_data(self, data: bytes) -> None:
+        if data and self.their_state is h11.MUST_CLOSE:
+            return  # nothing after the last request is read (bounded: dropped)
+        super().receive_data(data)
+
+    def next_event(self) -> Any:
+        if self.their_state is h11.MUST_CLOSE:
+            return h11.NEED_DATA  # leftovers of the last request's segment stay unread
+        return super().next_event()
+
+
+class GuardedTCPServer(TCPServer):
+    """Hypercorn's trio connection with the fixes and deadlines above."""
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        except* Exception as group:  # contained: this connection only
+            log.error("connection failed; closing it", exc_info=group)
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, RawData):
+            async with self.send_lock:
+                try:
+                    with trio.CancelScope(shield=True):
+                        await self.stream.send_all(event.data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                    # Busy: another task is in send_eof(), closing this connection.
+                    await self.protocol.handle(Closed())
+        else:
+            await super().protocol_send(event)
+
+    async def _close(self) -> None:
+        with trio.CancelScope(shield=True):
+            await super()._close()
+
+    def _h11(self) -> h11.Connection | None:
+        # ProtocolWrapper → H11Protocol → h11.Connection; None for HTTP/2 and
+        # for a connection handed over to WebSocket.
+        conn = getattr(getattr(self.protocol, "protocol", None), "connection", None)
+        return conn if isinstance(conn, h11.Connection) else None
+
+    async def _read_data(self) -> None:
+        h11_protocol = getattr(self.protocol, "protocol", None)
+        if isinstance(getattr(h11_protocol, "connection", None), h11.Connection):
+            # Nothing was received yet: swap in the h11 that honours RFC 9112 §9.6.
+            h11_protocol.connection = _LastRequestH11(h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size)
+        header_timeout = getattr(self.config, "header_timeout_s", DEFAULT_HEADER_TIMEOUT_S)
+        body_idle = getattr(self.config, "body_idle_s", DEFAULT_BODY_IDLE_S)
+        head_since: float | None = trio.current_time()  # the first head: from accept
+        while True:
+            conn = self._h11()
+            state = conn.their_state if conn is not None else None
+            if state is h11.IDLE:
+                if head_since is None and conn is not None and conn.trailing_data[0]:
+                    head_since = trio.current_time()  # pipelined bytes already wait
+                deadline = inf if head_since is None else head_since + header_timeout
+                what = f"request head not received within {header_timeout:g} s"
+            elif state is h11.SEND_BODY:
+                head_since = None
+                deadline = trio.current_time() + body_idle
+                what = f"request body silent for {body_idle:g} s"
+            else:  # a request is being answered, or not HTTP/1.1 any more
+                head_since = None
+                deadline = inf
+            try:
+                with trio.move_on_at(deadline) as scope:
+                    data = await self.stream.receive_some(MAX_RECV)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                break
+            if scope.cancelled_caught:
+                await self._expire(what)
+                break
+            received = trio.current_time()
+            await self.protocol.handle(RawData(bytes(data)))
+            if data == b"":
+                break
+            conn = self._h11()
+            if head_since is None and conn is not None and conn.their_state is h11.IDLE:
+                head_since = received  # the first bytes of the next head
+        await self.protocol.handle(Closed())
+
+    async def _expire(self, what: str) -> None:
+        """A deadline passed while the client owed us bytes: 408 if nothing was answered yet, then close."""
+        async with self.send_lock:
+            conn = self._h11()
+            if conn is not None and conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                try:
+                    with trio.CancelScope(shield=True):
+                        await self.stream.send_all(_timeout_response(what))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                    pass
+            # Closed while holding the lock: an app send queued behind it finds
+            # a closed stream (handled) instead of writing after our 408.
+            await self._close()
+
+
+def install() -> None:
+    """Make Hypercorn's trio worker run connections as ``GuardedTCPServer``.
+
+    ``worker_serve`` looks ``TCPServer`` up in its module on every call, and has
+    no other hook for it. Idempotent; called by every way Weir is served
+    (``worker_serve`` below for ``weir serve`` and the tests, ``proxy/asgi.py``
+    for ``hypercorn proxy.asgi:app``).
+    """
+    import hypercorn.trio.run as run
+
+    run.TCPServer = GuardedTCPServer  # type: ignore[misc]
+
+
+class Guard:
+    """ASGI in front of the app: refuses WebSocket upgrades with a 400."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            await self.app(scope, receive, send)
+            return
+        await receive()  # websocket.connect
+        if "websocket.http.response" in scope.get("extensions", {}):
+            body = error_body("invalid_request_error", "WebSocket is not supported: send plain HTTP requests")
+            await send({
+                "type": "websocket.http.response.start",
+                "status": 400,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")],
+            })
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:  # a server without the denial extension answers 403
+            await send({"type": "websocket.close"})
+
+
+async def worker_serve(app: Any, config: Any, **kwargs: Any) -> None:
+    """``hypercorn.trio.worker_serve`` for the app, with the guarded connection and ``Guard``."""
+    from hypercorn.trio import worker_serve as hypercorn_worker_serve
+
+    install()
+    await hypercorn_worker_serve(ASGIWrapper(Guard(app)), config, **kwargs)
