@@ -444,7 +444,9 @@ class Weir:
             # The quick start's mock is started by whoever runs the app (proxy/cli.py).
             raise RuntimeError("no upstream has a URL: configure one, or start Weir through `weir serve`, which starts the mock upstream")
         for u in upstreams:
-            self.targets.append(Target(u, url=u.url, keys=u.keys(self.environ), deadlines=self.settings.deadlines))
+            target = Target(u, url=u.url, keys=u.keys(self.environ), deadlines=self.settings.deadlines)
+            nursery.start_soon(target.pool.reap_idle)
+            self.targets.append(target)
         self.router = Router(self.settings, self.targets)
         self.ratelimiter = await nursery.start(serve_ratelimiter, self.settings.ratelimit)
         # The cache stage owns its L2 connection and background work from a

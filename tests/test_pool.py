@@ -162,3 +162,49 @@ async def test_tls_upstream_with_keep_alive() -> None:
             await strict.request(b"GET", b"/", [], b"")
         assert info.value.kind == "connect"
         nursery.cancel_scope.cancel()
+
+
+async def _keep_alive_server(closed: list[int], task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Answers bodiless requests on kept-alive connections; counts the connections the client closed."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        rest = b""
+        while (got := await read_head(stream, rest)) is not None:
+            rest = got[1]
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        closed.append(1)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handler, listeners)
+
+
+async def test_idle_connections_are_closed_after_their_keep_alive_time(autojump_clock: trio.testing.MockClock) -> None:
+    """After a burst, the cold end of the idle stack is closed on time, with
+    traffic (the warm connection stays in use) and without it."""
+    closed: list[int] = []
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(_keep_alive_server, closed)
+        pool = ConnectionPool(f"http://127.0.0.1:{port}", connect_timeout=5, keepalive_expiry=50)
+        nursery.start_soon(pool.reap_idle)
+
+        async def one() -> None:
+            resp = await pool.request(b"GET", b"/", [], b"")
+            assert await _collect(resp) == b"ok"
+            pool.release(resp)
+
+        burst = [await pool.request(b"GET", b"/", [], b"") for _ in range(20)]
+        for resp in burst:
+            await _collect(resp)
+            pool.release(resp)
+        assert pool.idle == 20
+        for _ in range(6):  # one request every 10 s keeps the warmest connection in use
+            await trio.sleep(10)
+            await one()
+        assert (pool.idle, pool.opened) == (1, 20)
+        await trio.sleep(1)
+        assert len(closed) == 19  # the upstream saw the cold ones closed
+        await trio.sleep(50)  # no traffic at all: the last one goes too
+        assert pool.idle == 0 and len(closed) == 20
+        await pool.aclose()
+        nursery.cancel_scope.cancel()

@@ -11,6 +11,12 @@ waiter queue, no request routing and no per-request model objects: a stack
 of idle connections, a readability check on the one connection we take, and
 h11 for the protocol — the same protocol library httpcore and Hypercorn use.
 
+Idle connections are closed after ``keepalive_expiry``. Taking one only
+looks at the warm end of the stack, so after a burst the cold end (2,000
+sockets once) would stay open for ever with traffic and without it; the
+stack is ordered by the time each went idle, so ``reap_idle``, a task in the
+app's lifespan nursery, sleeps until exactly the oldest expires.
+
 Reuse and staleness: an upstream may close an idle keep-alive connection at
 any time. The connection taken from the stack is checked once (readable
 while idle means EOF or garbage: discard it); if a request on a *reused*
@@ -24,6 +30,7 @@ where the request provably did not run to a response).
 from __future__ import annotations
 
 import ssl
+from collections import deque
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -135,7 +142,9 @@ class ConnectionPool:
         self.connect_timeout = connect_timeout
         self.keepalive_expiry = keepalive_expiry
         self._ssl = (ssl_context or _ssl_context()) if self.tls else None
-        self._idle: list[_Conn] = []
+        # Oldest idle at the left, warmest at the right (see reap_idle).
+        self._idle: deque[_Conn] = deque()
+        self._became_idle = trio.Event()
         self.opened = 0  # connections opened over the pool's life (tests, stats)
         self.closed = False
 
@@ -163,12 +172,28 @@ class ConnectionPool:
         now = trio.current_time()
         while self._idle:
             conn = self._idle.pop()  # LIFO: the warmest connection, the least likely closed
-            if now - conn.idle_since > self.keepalive_expiry or conn.sock.fileno() < 0 or _readable(conn.sock):
+            if self._expired(conn, now) or conn.sock.fileno() < 0 or _readable(conn.sock):
                 _close_now(conn)
                 continue
             conn.reused = True
             return conn
         return None
+
+    def _expired(self, conn: _Conn, now: float) -> bool:
+        return now - conn.idle_since >= self.keepalive_expiry
+
+    async def reap_idle(self) -> None:
+        """Close each idle connection when it passes ``keepalive_expiry``; runs
+        for the pool's life in the app's lifespan nursery."""
+        while not self.closed:
+            if not self._idle:
+                await self._became_idle.wait()
+                self._became_idle = trio.Event()
+                continue
+            await trio.sleep_until(self._idle[0].idle_since + self.keepalive_expiry)
+            now = trio.current_time()
+            while self._idle and self._expired(self._idle[0], now):
+                _close_now(self._idle.popleft())
 
     async def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> PooledResponse:
         """Send one request and return once the response head arrived."""
@@ -261,6 +286,7 @@ class ConnectionPool:
                 return
             conn.idle_since = trio.current_time()
             self._idle.append(conn)
+            self._became_idle.set()
         else:
             # Abandoned mid-body (client gone, deadline, error): the connection
             # is mid-message and cannot be reused. Closing it is also how the
@@ -269,6 +295,7 @@ class ConnectionPool:
 
     async def aclose(self) -> None:
         self.closed = True
+        self._became_idle.set()  # reap_idle returns
         while self._idle:
             _close_now(self._idle.pop())
 
