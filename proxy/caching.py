@@ -448,22 +448,25 @@ async def serve_cache(
     that inner nursery drains first (an SQLite call in a worker thread
     cannot be abandoned: closing its connection under it crashes the
     process), and only then is L2 closed. One task enters and leaves L2,
-    which coredis requires (its pool runs a task group).
+    which coredis requires (its pool runs a task group). That task group is
+    a cancel scope, and scopes must close in the order they opened, so the
+    scope that bounds closing L2 is opened before L2 is, not around the close.
     """
     stack = AsyncExitStack()
-    try:
-        l2: L2Backend | None = None
-        if settings.mode != "off":
-            l2 = await _open_l2(settings, sqlite_path, stack)
-        async with trio.open_nursery() as nursery:
-            l1 = L1Cache(max_bytes=settings.l1_max_bytes, default_ttl=settings.ttl_s, timer=trio.current_time)
-            tiered = TieredCache(l1, l2, nursery=nursery, log=log)
-            stage = CacheStage(settings, tiered, open_upstream=open_upstream, nursery=nursery, has_l2=l2 is not None)
-            task_status.started(stage)
-            await trio.sleep_forever()
-    finally:
-        with trio.move_on_after(5.0) as cs:  # closing a sick L2 must not hold up shutdown
-            cs.shield = True
+    with trio.CancelScope() as closing:
+        try:
+            l2: L2Backend | None = None
+            if settings.mode != "off":
+                l2 = await _open_l2(settings, sqlite_path, stack)
+            async with trio.open_nursery() as nursery:
+                l1 = L1Cache(max_bytes=settings.l1_max_bytes, default_ttl=settings.ttl_s, timer=trio.current_time)
+                tiered = TieredCache(l1, l2, nursery=nursery, log=log)
+                stage = CacheStage(settings, tiered, open_upstream=open_upstream, nursery=nursery, has_l2=l2 is not None)
+                task_status.started(stage)
+                await trio.sleep_forever()
+        finally:
+            closing.shield = True
+            closing.deadline = trio.current_time() + 5.0  # closing a sick L2 must not hold up shutdown
             await stack.aclose()
 
 

@@ -6,6 +6,7 @@ the client gets Z (status, ``x-weir-cache``, bytes).
 
 from __future__ import annotations
 
+import logging
 import socket
 import uuid
 
@@ -253,6 +254,17 @@ async def test_redis_l2(redis_url: str) -> None:
                     await trio.sleep(0.01)
                 assert second is not None and cache_header(second) == "hit" and second.content == first.content
                 assert (await two.app.cache.stats())["l2"]["hits"] >= 1
+
+
+@pytest.mark.parametrize("redis", ["up", "down"])
+async def test_redis_l2_closes_cleanly_at_shutdown(redis: str, caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest) -> None:
+    """coredis' pool is a task group: closing it inside a scope opened after
+    it corrupted trio's cancel-scope stack, and every shutdown failed."""
+    url = request.getfixturevalue("redis_url") if redis == "up" else f"redis://127.0.0.1:{closed_port()}/0"
+    async with weir_and_mock(cache={"l2": "redis", "redis_url": url}) as (weir, mock):
+        async with httpx.AsyncClient() as client:
+            assert (await post(client, weir.url, det())).status_code == 200
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_redis_down_still_serves_from_l1(caplog) -> None:
