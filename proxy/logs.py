@@ -10,11 +10,12 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-__all__ = ["configure_logging", "JsonFormatter"]
+__all__ = ["configure_logging", "JsonFormatter", "Throttle"]
 
 _encode = msgspec.json.Encoder().encode
 # LogRecord attributes that are not user-supplied ``extra`` fields.
@@ -50,6 +51,38 @@ def configure_logging(level: str = "info") -> None:
     # httpx logs every request at INFO; that is our access log's job.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # coredis logs each retry of each command, and a traceback for each
+    # connection a sick Redis drops: with Redis down, several records per
+    # request. Weir's own warnings (cache L2, rate limiter) already say so
+    # once per interval; coredis' details keep one record per interval too,
+    # the same 30 s as the cache's. At debug level, everything.
+    coredis = logging.getLogger("coredis")
+    for f in [f for f in coredis.filters if isinstance(f, Throttle)]:
+        coredis.removeFilter(f)
+    if root.level > logging.DEBUG:
+        coredis.addFilter(Throttle(30.0))
+
+
+class Throttle(logging.Filter):
+    """Let at most one record through per ``interval``; the next one that
+    passes says how many were dropped (``suppressed``)."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._interval = interval
+        self._clock = clock
+        self._last: float | None = None
+        self._suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = self._clock()
+        if self._last is not None and now - self._last < self._interval:
+            self._suppressed += 1
+            return False
+        if self._suppressed:
+            record.suppressed = self._suppressed
+        self._last, self._suppressed = now, 0
+        return True
 
 
 class AccessRecord(msgspec.Struct):
