@@ -25,6 +25,17 @@ per ``touch_interval`` so that hot keys do not turn every read into a write.
 TTL: rows carry ``expires_at`` in wall-clock seconds (processes share no
 monotonic clock); an expired row is a miss and is deleted when read.
 
+A damaged file is moved aside and rebuilt at start (``open``), with one
+warning: otherwise every call fails until someone deletes the file by hand.
+SQLite says so with ``SQLITE_CORRUPT`` or ``SQLITE_NOTADB``. Opening checks
+only what it must read anyway (header, schema, the meta row), because
+``PRAGMA quick_check`` reads the whole file — seconds per worker for a 2 GB
+cache; damage deeper in, met by a later call, leaves a ``-corrupt`` marker
+beside the file so that the next start rebuilds it. Workers of one host
+start together, so the check and the move run under an exclusive ``flock``
+on ``<file>-lock``: the first worker moves the file, the others find the
+fresh one.
+
 Leases (cross-worker singleflight) are rows in their own table with an expiry;
 claiming is an ``INSERT OR IGNORE`` after deleting an expired lease, in one
 ``BEGIN IMMEDIATE`` transaction, so exactly one worker wins.
@@ -32,6 +43,9 @@ claiming is an ``INSERT OR IGNORE`` after deleting an expired lease, in one
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -42,6 +56,17 @@ import trio
 from cache.l2 import L2Unavailable
 
 __all__ = ["SQLiteL2"]
+
+log = logging.getLogger("weir.cache")
+
+# SQLite's primary result codes for a damaged file (sqlite3.h); extended codes
+# carry them in the low byte.
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
+
+
+def _is_damage(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS weir_cache (
@@ -115,6 +140,7 @@ class SQLiteL2:
         self._all: list[sqlite3.Connection] = []
         self._closed = False
         self._initialized = False
+        self._marked_damaged = False
         self._hits = 0
         self._misses = 0
         self._errors = 0
@@ -148,6 +174,12 @@ class SQLiteL2:
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass  # the connection is returned to the pool either way
+            if _is_damage(exc) and not self._marked_damaged:
+                self._marked_damaged = True
+                try:
+                    open(self._path + "-corrupt", "w").close()  # the next start rebuilds it
+                except OSError:
+                    pass
             raise L2Unavailable(f"sqlite: {exc}") from exc
         finally:
             self._idle.append(conn)
@@ -164,6 +196,44 @@ class SQLiteL2:
         except L2Unavailable:
             self._errors += 1
             raise
+
+    def _open_checked(self) -> str | None:
+        """Open the file under the start-up lock; move a damaged one aside.
+        Returns the reason it was moved, or None."""
+        lock = os.open(self._path + "-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            reason = None
+            if os.path.exists(self._path + "-corrupt"):
+                reason = "a previous run found it damaged"
+            else:
+                try:
+                    self._check(self._connect())
+                    return None
+                except sqlite3.Error as exc:
+                    if not _is_damage(exc):
+                        raise
+                    reason = str(exc)
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+            # One aside copy at most: each can be as big as the cache.
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(self._path + suffix):
+                    os.replace(self._path + suffix, self._path + ".corrupt" + suffix)
+            try:
+                os.unlink(self._path + "-corrupt")
+            except FileNotFoundError:
+                pass
+            self._check(self._connect())
+            return reason
+        finally:
+            os.close(lock)  # releases the flock
+
+    def _check(self, conn: sqlite3.Connection) -> None:
+        self._init_schema(conn)
+        conn.execute("SELECT bytes FROM weir_cache_meta WHERE id = 0").fetchone()
+        self._idle.append(conn)
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
         conn.execute(f"PRAGMA busy_timeout = {_INIT_BUSY_TIMEOUT_MS}")
@@ -307,7 +377,21 @@ class SQLiteL2:
         for conn in conns:
             conn.close()
 
+    async def open(self) -> None:
+        """Check the file at start, moving a damaged one aside (module docstring).
+        Any other failure leaves the schema to the first call, as before."""
+        try:
+            reason = await trio.to_thread.run_sync(self._open_checked)
+        except (sqlite3.Error, OSError) as exc:
+            self._errors += 1
+            log.warning("cache: SQLite L2 %s cannot be opened, will retry on use: %s", self._path, exc)
+            return
+        self._initialized = True
+        if reason is not None:
+            log.warning("cache: SQLite L2 %s was damaged (%s): moved it to %s.corrupt and started an empty one", self._path, reason, self._path)
+
     async def __aenter__(self) -> SQLiteL2:
+        await self.open()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

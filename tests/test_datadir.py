@@ -63,7 +63,7 @@ async def test_the_sqlite_l2_is_written_inside_the_data_dir(tmp_path: Path, monk
                 r = await client.post(weir.url + "/v1/messages", content=body(temperature=0), headers={"x-api-key": "k"})
                 assert r.status_code == 200
     assert (data_dir / "cache.db").exists()
-    assert {p.name for p in data_dir.iterdir()} <= {"cache.db", "cache.db-wal", "cache.db-shm"}
+    assert {p.name for p in data_dir.iterdir()} <= {"cache.db", "cache.db-wal", "cache.db-shm", "cache.db-lock"}
     assert list(cwd.iterdir()) == []
 
 
