@@ -89,7 +89,7 @@ def build_admin(weir: Weir) -> QuartTrio:
     @app.get("/admin/routes")
     async def routes() -> Any:
         return {
-            "routes": [{"match": r.match, "targets": list(r.targets)} for r in weir.settings.routes],
+            "routes": [{"match": r.match, "targets": list(r.targets), **({"kind": r.kind} if r.kind else {})} for r in weir.settings.routes],
             "default": weir.router.lanes[0].name if weir.router.lanes else None,
         }
 

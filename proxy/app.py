@@ -27,6 +27,8 @@ from .ingress.anthropic import count_tokens_locally, decode_count_tokens, decode
 from .ingress.openai import decode_chat, openai_error_send
 from .errors import ProxyError
 from .headers import request_id, upstream_request_headers
+from .kinds import classify
+from .local_answers import local_answer
 from .logs import AccessLog, AccessRecord
 from .relay import (
     Deadlines,
@@ -73,6 +75,7 @@ class Weir:
         self.ratelimiter: LocalRateLimiter | RedisRateLimiter | None = None
         self.limited: dict[str, int] = {}  # tenant → requests refused by the rate limiter
         self.cache: CacheStage | None = None  # built in startup(), after the router
+        self.local_kinds = frozenset(settings.claude_code.answer_locally)
         # path → method → handler. A dict lookup is the whole router.
         self.routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
             "/v1/messages": {"POST": self.messages},
@@ -178,6 +181,7 @@ class Weir:
                 upstream_ms=round(ex.upstream_s * 1000.0, 3),
                 bytes_out=ex.bytes_out,
                 dropped=ex.dropped or None,
+                kind=ex.kind or None,
             )
         )
 
@@ -205,7 +209,24 @@ class Weir:
         ex.model = env.model
         ex.stream = env.stream
         ex.temperature = getattr(env, "temperature", ...)
+        if decode is decode_messages:
+            ex.kind = classify(env)
+            if ex.kind in self.local_kinds:
+                await self._answer_locally(send, ex)
+                return
         await self._admit_and_forward(scope, receive, send, headers, ex, body, ident)
+
+    async def _answer_locally(self, send: Send, ex: Exchange) -> None:
+        """A side call the operator chose to answer without an upstream (proxy/local_answers.py)."""
+        content_type, body = local_answer(ex.kind, ex.model, ex.stream)
+        ex.status, ex.target = 200, "local"
+        ex.is_sse = ex.stream
+        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), (b"x-weir-target", b"local"), *ex.weir_headers()]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        ex.head_sent = True
+        await send({"type": "http.response.body", "body": body})
+        ex.bytes_out = len(body)
+        ex.complete = True
 
     async def _admit_and_forward(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange, body: bytes, ident: Identity) -> None:
         """Admit against the tenant's budget on an estimate; settle on the real usage.
@@ -324,6 +345,7 @@ class Weir:
             stream=ex.stream,
             model=ex.model,
             priority=headers.get(b"x-weir-priority", b"interactive").decode("latin-1"),
+            kind=ex.kind or "main",
         )
         d = self.settings.deadlines
         deadlines = Deadlines(total=trio.current_time() + d.total_s, first_byte_s=d.first_byte_s, idle_s=d.idle_s)

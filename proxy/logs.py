@@ -102,6 +102,7 @@ class AccessRecord(msgspec.Struct):
     duration_ms: float
     upstream_ms: float
     bytes_out: int
+    kind: str | None = None  # proxy/kinds.py; null off /v1/messages
     level: str = "info"
     logger: str = "weir.access"
     msg: str = "request"

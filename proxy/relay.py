@@ -58,6 +58,8 @@ class Exchange:
     path: str = ""
     tenant: str = ""
     model: str = ""
+    # The request kind (proxy/kinds.py) of a /v1/messages request; "" elsewhere.
+    kind: str = ""
     stream: bool = False
     status: int = 0
     target: str = ""

@@ -154,9 +154,12 @@ class Router:
     def lane(self, name: str) -> Lane | None:
         return self._by_name.get(name)
 
-    def resolve(self, model: str) -> list[tuple[Lane, str]]:
-        """The ordered chain for ``model``: (lane, model name to send, "" = the client's)."""
+    def resolve(self, model: str, kind: str = "main") -> list[tuple[Lane, str]]:
+        """The ordered chain for ``model`` and request ``kind`` (proxy/kinds.py):
+        (lane, model name to send, "" = the client's)."""
         for route in self.settings.routes:
+            if route.kind and route.kind != kind:
+                continue
             m = route.match
             if (fnmatch.fnmatchcase(model, m) if _GLOB.intersection(m) else model == m):
                 chain = []
@@ -189,7 +192,7 @@ class Router:
 
     async def _acquire(self, req: UpstreamRequest, ident: Identity, ex: Exchange, deadlines: Deadlines, held: AsyncExitStack) -> UpstreamResponse:
         head_deadline = min(trio.current_time() + deadlines.first_byte_s, deadlines.total)
-        chain = self.resolve(req.model)
+        chain = self.resolve(req.model, req.kind)
         failures = _Failures()
         for i, (lane, model) in enumerate(chain):
             resp = await self._try_lane(lane, model, req, ident, ex, head_deadline, held, failures, last=i == len(chain) - 1)

@@ -25,6 +25,8 @@ from mock import MockSettings
 
 from .breaker import BreakerConfig
 from .datadir import resolve_data_dir
+from .kinds import KINDS
+from .local_answers import ANSWERABLE
 from .retry import RetryConfig
 
 __all__ = ["Settings", "SettingsError", "load_settings", "settings_from_dict"]
@@ -116,6 +118,17 @@ class UpstreamSettings(_Base):
     max_connections: int = 64
     # Extra headers sent upstream (e.g. OpenRouter's HTTP-Referer).
     headers: dict[str, str] = {}
+    # The provider's own quota for this target (0 = none known): requests
+    # beyond it wait in the target's fair queue, spread evenly, instead of
+    # being sent to fail with 429 (NVIDIA NIM's free tier: 40 requests a
+    # minute). See proxy/scheduler.py's ProviderBudget for the pacing rule.
+    requests_per_minute: float = 0.0
+    # Estimated input tokens (request bytes / 4) per minute; 0 = none known.
+    tokens_per_minute: float = 0.0
+    # Requests that may go back to back before pacing spreads the rest: 2 lets
+    # a turn's main call and its side call leave together without letting a
+    # backlog hit the provider at once (the issue's default; 1 = strictly even).
+    burst: int = 2
 
     def keys(self, environ: Mapping[str, str]) -> list[str]:
         found = list(self.api_keys)
@@ -141,16 +154,27 @@ class AuthSettings(_Base):
 
 
 class RouteSettings(_Base):
-    """A requested model → an ordered chain of targets.
+    """A requested model (and request kind) → an ordered chain of targets.
 
-    ``match`` is an exact model name, an alias, or a glob (``*haiku*``);
-    routes are tried in file order and the first match wins. Each entry of
-    ``targets`` is ``"upstream-name"`` or ``"upstream-name:model"`` (send that
-    model name to that upstream instead of the requested one).
+    ``match`` is an exact model name, an alias, or a glob (``*haiku*``; the
+    default ``*`` is every model); ``kind``, when set, limits the route to
+    one request kind (proxy/kinds.py: ``title``, ``quota_probe``…), so
+    Claude Code's side calls can go to a cheap target. Routes are tried in
+    file order and the first match wins. Each entry of ``targets`` is
+    ``"upstream-name"`` or ``"upstream-name:model"`` (send that model name to
+    that upstream instead of the requested one).
     """
 
-    match: str
-    targets: list[str]
+    match: str = "*"
+    targets: list[str] = []
+    kind: str = ""
+
+
+class ClaudeCodeSettings(_Base):
+    # Request kinds (proxy/kinds.py) Weir answers itself, with zero usage and
+    # no upstream call (proxy/local_answers.py). Empty by default: answering
+    # for a model is the operator's call, never Weir's.
+    answer_locally: list[str] = []
 
 
 class SchedulerSettings(_Base):
@@ -221,6 +245,7 @@ class Settings(_Base):
     # The quick start's mock upstream, started by ``weir serve`` when no
     # upstream has a URL (its knobs are defined once, in ``mock/upstream.py``).
     mock: MockSettings = msgspec.field(default_factory=MockSettings)
+    claude_code: ClaudeCodeSettings = msgspec.field(default_factory=ClaudeCodeSettings)
 
     def uses_mock(self) -> bool:
         return not self.upstreams or all(not u.url for u in self.upstreams)
@@ -314,13 +339,24 @@ def _validate(s: Settings) -> None:
             raise SettingsError(f"upstreams[{u.name}].max_connections must be at least 1")
         if u.url and not u.url.startswith(("http://", "https://")):
             raise SettingsError(f"upstreams[{u.name}].url must start with http:// or https://")
+        if u.requests_per_minute < 0 or u.tokens_per_minute < 0:
+            raise SettingsError(f"upstreams[{u.name}]: requests_per_minute and tokens_per_minute must be 0 (none) or positive")
+        if u.burst < 1:
+            raise SettingsError(f"upstreams[{u.name}].burst must be at least 1")
+        if u.requests_per_minute and u.burst >= u.requests_per_minute:
+            raise SettingsError(f"upstreams[{u.name}].burst must be below requests_per_minute")
     known = set(names) | ({"mock"} if s.uses_mock() else set())
     for r in s.routes:
         if not r.targets:
             raise SettingsError(f"routes[{r.match}]: give at least one target")
+        if r.kind and r.kind not in KINDS:
+            raise SettingsError(f"routes[{r.match}].kind: {r.kind!r} is not a request kind (known: {', '.join(KINDS)})")
         for t in r.targets:
             if t.split(":", 1)[0] not in known:
                 raise SettingsError(f"routes[{r.match}]: target {t!r} names no upstream (known: {sorted(known)})")
+    for k in s.claude_code.answer_locally:
+        if k not in ANSWERABLE:
+            raise SettingsError(f"claude_code.answer_locally: {k!r} cannot be answered locally (known: {', '.join(sorted(ANSWERABLE))})")
     for ck in s.auth.client_keys:
         if not ck.key and not ck.key_env:
             raise SettingsError(f"auth.client_keys[{ck.tenant}]: give key or key_env")

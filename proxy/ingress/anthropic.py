@@ -1,6 +1,6 @@
 """The Anthropic ingress: the small part of a Messages body Weir reads.
 
-A Messages body can be megabytes of conversation; Weir needs four fields of
+A Messages body can be megabytes of conversation; Weir needs a few fields of
 it. msgspec decodes just those (``messages`` stays an array of undecoded
 ``Raw`` items), validates their types, and the original bytes go upstream
 untouched — unknown fields included, in their original order and spelling.
@@ -27,6 +27,11 @@ class MessagesEnvelope(msgspec.Struct):
     stream: bool = False
     # Read for the cache policy: temperature 0 is the deterministic opt-in.
     temperature: float | None = None
+    # Kept raw for the request-kind classifier (proxy/kinds.py): msgspec
+    # scans past these fields anyway, so naming them costs nothing, and
+    # nothing in them is decoded unless a cheap test says to look.
+    system: msgspec.Raw = msgspec.Raw(b"")
+    tools: msgspec.Raw = msgspec.Raw(b"")
 
 
 class CountTokensEnvelope(msgspec.Struct):

@@ -34,6 +34,8 @@ class UpstreamRequest:
     # Scheduler class from the client's x-weir-priority header; interactive
     # unless a client marks itself batch (see proxy/scheduler.py).
     priority: str = "interactive"
+    # The request kind (proxy/kinds.py); routes may match on it.
+    kind: str = "main"
 
     def __post_init__(self) -> None:
         if not self.api:
