@@ -78,6 +78,9 @@ def canonical_request(*, tenant: str, route: str, anthropic_version: str, anthro
         obj = msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
         raise ValueError(f"request body is not valid JSON: {exc}") from exc
+    except RecursionError:
+        # Nested past msgspec's guard: not cacheable (the proxy refuses such bodies first).
+        raise ValueError("request body is nested too deeply") from None
     if not isinstance(obj, dict):
         raise ValueError("request body is not a JSON object")
     for field in VOLATILE_FIELDS:

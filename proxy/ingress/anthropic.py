@@ -13,6 +13,7 @@ import json
 import msgspec
 
 from ..errors import ProxyError
+from .structure import BadStructure, check_structure, loads_object
 
 __all__ = ["MessagesEnvelope", "CountTokensEnvelope", "decode_messages", "decode_count_tokens", "decode_envelope", "count_tokens_locally"]
 
@@ -48,12 +49,18 @@ def _bad(message: str) -> ProxyError:
 
 
 def decode_envelope(decoder: msgspec.json.Decoder, body: bytes):  # type: ignore[no-untyped-def]
-    """Decode an envelope with a clear 400 for every way a body can be bad;
-    both ingresses use it, so they refuse the same bytes the same way."""
+    """Decode an envelope with a clear 400 for every way a body can be bad —
+    the structure limits of ``structure.py`` included; both ingresses use
+    it, so they refuse the same bytes the same way."""
     if not body:
         raise _bad("request body is empty; expected a JSON object")
     try:
-        return decoder.decode(body)
+        env = decoder.decode(body)
+        # Reads every key, where the envelope skipped the unknown ones: it
+        # is also what finds invalid UTF-8 in a key nobody asked for.
+        check_structure(body)
+    except BadStructure as exc:
+        raise _bad(str(exc)) from None
     except msgspec.ValidationError as exc:
         # msgspec names the field and the JSON path; that is what a client needs.
         raise _bad(f"invalid request: {exc}") from None
@@ -62,6 +69,10 @@ def decode_envelope(decoder: msgspec.json.Decoder, body: bytes):  # type: ignore
     except UnicodeDecodeError:
         # msgspec lets invalid UTF-8 inside a string through as this (found by fuzzing).
         raise _bad("request body is not valid UTF-8") from None
+    except RecursionError:
+        # msgspec's own guard (see structure.py): a 400, not a traceback.
+        raise _bad("request body is nested too deeply") from None
+    return env
 
 
 def decode_messages(body: bytes) -> MessagesEnvelope:
@@ -96,11 +107,9 @@ def count_tokens_locally(body: bytes) -> int:
     the tool definitions, divided by 4, rounded up.
     """
     try:
-        doc = json.loads(body)
-    except ValueError as exc:
-        raise _bad(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise _bad("the request body must be a JSON object")
+        doc = loads_object(body)
+    except BadStructure as exc:
+        raise _bad(str(exc)) from None
     chars = 0
     for key in ("system", "messages", "tools"):
         value = doc.get(key)

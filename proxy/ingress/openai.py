@@ -1,7 +1,7 @@
 """The OpenAI ingress: ``/v1/chat/completions``, for OpenAI clients.
 
-Weir reads two fields of a chat body (``model``, ``stream``) and checks
-``messages`` is a non-empty array; the rest stays the client's bytes. Every
+Weir reads ``model`` and ``stream`` and types every field the translator
+reads (``ChatEnvelope``); the body itself stays the client's bytes. Every
 stage below speaks Anthropic's error shape, so this module is also the one
 edge where errors are reshaped for an OpenAI client (``openai_error_send``).
 """
@@ -24,12 +24,85 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 _JSON = (b"content-type", b"application/json")
 
 
+# Every field the OpenAI → Anthropic translator reads, with OpenAI's types
+# ("Create chat completion" in OpenAI's API reference): a wrong type is a
+# 400 naming its JSON path here, not a TypeError in the translator. Fields
+# nobody reads stay unknown to msgspec and go upstream as sent.
+
+
+class _ImageURL(msgspec.Struct):
+    url: str
+
+
+class _Part(msgspec.Struct):
+    type: str
+    text: str | None = None
+    refusal: str | None = None
+    image_url: str | _ImageURL | None = None
+
+
+class _CallFunction(msgspec.Struct):
+    name: str
+    # OpenAI sends a JSON string; some clients send the object itself.
+    arguments: str | dict[str, Any] | None = None
+
+
+class _ToolCall(msgspec.Struct):
+    function: _CallFunction
+    id: str | None = None
+    type: str = "function"
+
+
+class _ChatMessage(msgspec.Struct):
+    role: str
+    content: str | list[_Part] | None = None
+    tool_calls: list[_ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class _Function(msgspec.Struct):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class _Tool(msgspec.Struct):
+    function: _Function
+    type: str = "function"
+
+
+class _NamedFunction(msgspec.Struct):
+    name: str
+
+
+class _ToolChoice(msgspec.Struct):
+    function: _NamedFunction
+    type: str = "function"
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool | None = None
+
+
 class ChatEnvelope(msgspec.Struct):
-    """The part of a chat.completions body the ingress reads; the rest stays bytes."""
+    """The part of a chat.completions body the ingress and the translator read; the rest stays bytes."""
 
     model: str
-    messages: list[msgspec.Raw]
+    messages: list[_ChatMessage]
     stream: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+    tools: list[_Tool] | None = None
+    tool_choice: str | _ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None
+    stream_options: _StreamOptions | None = None
+    user: str | None = None
 
 
 _chat_decoder = msgspec.json.Decoder(ChatEnvelope)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ProxyError, error_body, type_for_status
+from ..ingress.structure import BadStructure, loads_object
 from ..sse import Event, SSEError, SSEParser
 from ..translate import (
     AnthropicStreamToOpenAI,
@@ -158,12 +159,9 @@ class _TranslatedStream:
 
 def _loads(body: bytes) -> dict[str, Any]:
     try:
-        doc = json.loads(body)
-    except ValueError as exc:
-        raise ProxyError(400, f"request body is not valid JSON: {exc}", "invalid_request_error") from None
-    if not isinstance(doc, dict):
-        raise ProxyError(400, "the request body must be a JSON object", "invalid_request_error")
-    return doc
+        return loads_object(body)
+    except BadStructure as exc:
+        raise ProxyError(400, str(exc), "invalid_request_error") from None
 
 
 def _dumps(doc: Any) -> bytes:
