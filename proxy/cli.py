@@ -222,6 +222,8 @@ def _serve_command(ns: argparse.Namespace) -> int:
         return 2
     from .logs import configure_logging
 
+    if not _port_is_free(settings.server.host, settings.server.port, "weir"):
+        return 1
     configure_logging(settings.server.log_level)
     if settings.uses_mock():
         log.warning("no upstream configured: Weir will answer from its built-in mock upstream (pass --upstream URL for a real one)")
@@ -239,6 +241,8 @@ def _mock_command(ns: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"weir mock-upstream: --fault: {exc}", file=sys.stderr)
         return 2
+    if not _port_is_free(ns.host, ns.port, "weir mock-upstream"):
+        return 1
     try:
         trio.run(mock.serve_forever, upstream, ns.host, ns.port)
     except KeyboardInterrupt:
@@ -246,8 +250,35 @@ def _mock_command(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _port_is_free(host: str, port: int, command: str) -> bool:
+    """Bind and release the port before starting, so a busy one is one line
+    and exit status 1 rather than an ExceptionGroup traceback from inside
+    the server's nursery. SO_REUSEADDR as the servers set it (a port in
+    TIME_WAIT is free); no SO_REUSEPORT, so a running Weir's port is busy."""
+    if port == 0:
+        return True
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host.strip("[]"), port))
+    except OSError as exc:
+        print(f"{command}: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        return False
+    return True
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("weir")
+    except PackageNotFoundError:  # run from a source tree without installing
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weir", description="A high-throughput proxy for LLM APIs.")
+    parser.add_argument("--version", action="version", version=f"weir {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the proxy")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import signal
 import socket
@@ -76,6 +77,25 @@ def test_cli_exits_with_a_message_on_bad_settings(capsys: pytest.CaptureFixture[
     err = capsys.readouterr().err
     assert code == 2 and "refusing to listen" in err
     assert "sk-should-never-print" not in err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out == f"weir {importlib.metadata.version('weir')}\n"
+
+
+@pytest.mark.parametrize("command", ["serve", "mock-upstream"])
+def test_a_busy_port_is_one_line_and_a_failure(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main([command, "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err == f"weir{' mock-upstream' if command != 'serve' else ''}: cannot listen on 127.0.0.1:{port}: Address already in use\n"
 
 
 def _free_port() -> int:
