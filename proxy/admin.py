@@ -49,12 +49,22 @@ def build_admin(weir: Weir) -> QuartTrio:
         body = {"status": reason, "in_flight": weir.in_flight, "upstreams": [t.name for t in weir.targets]}
         return body, (200 if ok else 503)
 
+    # Says what to set, as README documents it: a key in the environment,
+    # named by auth.admin_key_env (auth.admin_key is for tests and files
+    # kept out of version control). Names the variable, never a value.
+    env = weir.settings.auth.admin_key_env
+    disabled = (
+        f"the admin API is disabled: auth.admin_key_env names {env}, which is not set in Weir's environment"
+        if env
+        else "the admin API is disabled: set auth.admin_key_env to the name of an environment variable holding the admin key"
+    )
+
     @app.before_request
     async def admin_auth() -> Any:
         if not request.path.startswith("/admin/"):
             return None
         if not weir.auth.admin_enabled:
-            return _json_error(404, "not_found_error", "the admin API is disabled: set auth.admin_key")
+            return _json_error(404, "not_found_error", disabled)
         if not weir.auth.is_admin({k.lower().encode(): v.encode() for k, v in request.headers.items()}):
             return _json_error(401, "authentication_error", "admin key required")
         return None

@@ -421,3 +421,17 @@ async def test_access_log_tells_a_completed_exchange_from_a_hang_up(autojump_clo
     records = [msgspec.json.decode(line) for line in lines.getvalue().splitlines()]
     assert [(r["status"], r["outcome"]) for r in records] == [(200, "ok"), (200, "ok"), (200, "client_closed")]
     assert all(r["request_id"].startswith("req_weir_") and r["logger"] == "weir.access" for r in records)
+
+
+@pytest.mark.parametrize(
+    ("auth", "says"),
+    [
+        ({}, "set auth.admin_key_env to the name of an environment variable"),
+        ({"admin_key_env": "WEIR_TEST_UNSET_ADMIN_KEY"}, "auth.admin_key_env names WEIR_TEST_UNSET_ADMIN_KEY, which is not set"),
+    ],
+)
+async def test_a_disabled_admin_api_names_the_setting_readme_documents(auth: dict, says: str) -> None:
+    async with weir_and_mock(auth=auth) as (weir, _):
+        async with httpx.AsyncClient(base_url=weir.url) as client:
+            r = await client.get("/admin/stats")
+    assert r.status_code == 404 and says in r.json()["error"]["message"]
