@@ -10,7 +10,7 @@ showed Weir altering a reply, or the slow stream lagged.
 What it starts, each on a free loopback port:
 
 * the mock upstream (``mock``, unpaced, ``--output-tokens 100``);
-* the floor (``loadtests/floor.py`` under ``hypercorn -c hypercorn.toml``):
+* the floor (``loadtests/floor.py`` under Hypercorn with Weir's Hypercorn settings):
   the cheapest reply Hypercorn's trio worker can give;
 * Weir (``python -m proxy.cli serve --workers 1 --upstream <mock>``), with its
   JSON access log ON (the default a user runs), and again with it OFF.
@@ -621,7 +621,7 @@ async def run(bench: Bench) -> dict[str, Any]:
     )  # fmt: skip
     floor = Server(
         "floor",
-        on_server + [str(VENV_BIN / "hypercorn"), "-c", str(ROOT / "hypercorn.toml"), "--bind", f"127.0.0.1:{floor_port}", "loadtests.floor:app"],
+        on_server + [str(VENV_BIN / "hypercorn"), "-c", "python:proxy.hypercorn_conf.config", "--bind", f"127.0.0.1:{floor_port}", "loadtests.floor:app"],
         env, tmp / "floor.log", floor_url + "/",
     )  # fmt: skip
 

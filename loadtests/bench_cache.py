@@ -46,7 +46,7 @@ async def main_async(duration: float, connections: int) -> dict:
     mock_port, floor_port = _free_port(), _free_port()
     mock_url = f"http://127.0.0.1:{mock_port}"
     mock = Server("mock", [py, "-m", "mock", "--port", str(mock_port)], env, tmp / "mock.log", mock_url + "/_mock/stats")
-    floor = Server("floor", [str(VENV_BIN / "hypercorn"), "-c", str(ROOT / "hypercorn.toml"), "--bind", f"127.0.0.1:{floor_port}", "loadtests.floor:app"],
+    floor = Server("floor", [str(VENV_BIN / "hypercorn"), "-c", "python:proxy.hypercorn_conf.config", "--bind", f"127.0.0.1:{floor_port}", "loadtests.floor:app"],
                    env, tmp / "floor.log", f"http://127.0.0.1:{floor_port}/")
     levels = {"L1": {"WEIR_CACHE__L2": "none"},
               "L2 sqlite": {"WEIR_CACHE__L2": "sqlite", "WEIR_CACHE__SQLITE_PATH": str(tmp / "l2.db"), "WEIR_CACHE__L1_MAX_BYTES": "1"}}

@@ -1,6 +1,6 @@
 """The server floor: the cheapest HTTP reply Hypercorn's trio worker can give.
 
-Run: ``.venv/bin/hypercorn -c hypercorn.toml --bind 127.0.0.1:8090 loadtests.floor:app``
+Run: ``.venv/bin/hypercorn -c python:proxy.hypercorn_conf.config --bind 127.0.0.1:8090 loadtests.floor:app``
 (``loadtests/bench`` does this for you, pinned to the same core as Weir).
 
 Weir's hot path runs inside Hypercorn, so no Weir change can make it faster

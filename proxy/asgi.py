@@ -1,4 +1,4 @@
-"""``hypercorn -c hypercorn.toml proxy.asgi:app``: the app from ``WEIR_CONFIG`` and ``WEIR_*``.
+"""``hypercorn -c python:proxy.hypercorn_conf.config proxy.asgi:app``: the app from ``WEIR_CONFIG`` and ``WEIR_*``.
 
 Building the app does no I/O (that waits for the lifespan), so importing
 this module in each Hypercorn worker is cheap and safe; the one exception is

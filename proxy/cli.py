@@ -27,33 +27,41 @@ from .settings import Settings, SettingsError, UpstreamSettings, check_exposure,
 
 log = logging.getLogger("weir")
 
-__all__ = ["main", "hypercorn_config", "start_builtin_mock", "BuiltinMockApp"]
+__all__ = ["main", "hypercorn_config", "hypercorn_settings", "start_builtin_mock", "BuiltinMockApp"]
+
+
+def hypercorn_settings(settings: Settings) -> dict[str, Any]:
+    """Hypercorn's settings for LLM traffic, from Weir's: ``weir serve`` and
+    ``hypercorn -c python:proxy.hypercorn_conf.config`` both use these."""
+    s = settings.server
+    return {
+        "worker_class": "trio",
+        "bind": [f"[{s.host.strip('[]')}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"],
+        # Under plain Hypercorn; `weir serve` runs its own workers.
+        "workers": s.workers,
+        # Hypercorn's 3 s default would cut every stream in progress at a deploy.
+        "graceful_timeout": s.drain_s,
+        "keep_alive_timeout": s.keep_alive_s,
+        # Hypercorn closes a connection after 1,000 requests by default; a
+        # long-lived Claude Code connection would be dropped mid-session for no
+        # gain. Effectively unlimited.
+        "keep_alive_max_requests": 2**31,
+        # Bursts of connections (a load balancer opening its pool) overflow the
+        # default backlog of 100.
+        "backlog": 2048,
+        "accesslog": None,  # Weir writes its own JSON access log
+        "errorlog": logging.getLogger("hypercorn.error"),
+        "include_server_header": False,
+        # Read by proxy/server.py's connection guard (not Hypercorn settings).
+        "header_timeout_s": s.header_timeout_s,
+        "body_idle_s": s.body_idle_s,
+    }
 
 
 def hypercorn_config(settings: Settings) -> Any:
-    """Hypercorn settings for LLM traffic; hypercorn.toml carries the same values."""
     from hypercorn.config import Config
 
-    s = settings.server
-    config = Config()
-    config.bind = [f"{s.host}:{s.port}"]
-    # Hypercorn's 3 s default would cut every stream in progress at a deploy.
-    config.graceful_timeout = s.drain_s
-    config.keep_alive_timeout = s.keep_alive_s
-    # Hypercorn closes a connection after 1,000 requests by default; a
-    # long-lived Claude Code connection would be dropped mid-session for no
-    # gain. Effectively unlimited.
-    config.keep_alive_max_requests = 2**31
-    # Bursts of connections (a load balancer opening its pool) overflow the
-    # default backlog of 100.
-    config.backlog = 2048
-    config.accesslog = None  # Weir writes its own JSON access log
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.include_server_header = False
-    # Read by proxy/server.py's connection guard (not Hypercorn settings).
-    config.header_timeout_s = s.header_timeout_s
-    config.body_idle_s = s.body_idle_s
-    return config
+    return Config.from_mapping(hypercorn_settings(settings))
 
 
 def _reuse_port_socket(host: str, port: int) -> socket.socket:

@@ -68,7 +68,7 @@ log = logging.getLogger("weir.server")
 __all__ = ["GuardedTCPServer", "Guard", "install", "worker_serve", "DEFAULT_HEADER_TIMEOUT_S", "DEFAULT_BODY_IDLE_S"]
 
 # Defaults for a Hypercorn Config that Weir's settings did not configure
-# (``hypercorn -c hypercorn.toml``); ServerSettings carries the same values and why.
+# (proxy/hypercorn_conf.py configures them); ServerSettings carries the same values and why.
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_BODY_IDLE_S = 60.0
 

@@ -208,10 +208,11 @@ def test_workers_share_one_port_and_drain_on_sigterm(tmp_path: Path) -> None:
 
 def test_the_plain_hypercorn_command_serves_the_same_app(tmp_path: Path) -> None:
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WEIR_CACHE__L2": "none"}
+    # The bind comes from Weir's settings, as README says (no --bind).
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WEIR_CACHE__L2": "none", "WEIR_SERVER__PORT": str(port)}
     hypercorn = str(Path(sys.executable).parent / "hypercorn")
     proc = subprocess.Popen(
-        [hypercorn, "-c", str(ROOT / "hypercorn.toml"), "--bind", f"127.0.0.1:{port}", "proxy.asgi:app"],
+        [hypercorn, "-c", "python:proxy.hypercorn_conf.config", "proxy.asgi:app"],
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
