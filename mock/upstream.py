@@ -9,7 +9,8 @@ unpaced reply leaves in a single socket write.
 
 The file has two halves. ``MockCore`` is sans-IO: it turns a recorded request
 into a ``Plan`` (status, headers, body or SSE events, delays, faults) with no
-socket and no clock. ``MockUpstream`` is the trio shell that reads requests with
+socket and no clock of its own (the ``rate_limit`` fault's window is fed the
+shell's ``now``). ``MockUpstream`` is the trio shell that reads requests with
 h11, carries out plans, and notices peers that leave mid-response.
 
 Replies are a pure function of the request body (ids from the body's hash,
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import math
 import os
 import random
 import re
@@ -105,16 +107,26 @@ class Fault(msgspec.Struct, frozen=True):
     error_event_after: int = -1
     unknown_event: bool = False
     fail_first: int = 0  # 0 = every request fails with ``status``
+    # A provider's quota: at most this many requests in any ``rate_window``
+    # seconds (a sliding window, the strictest way a provider can count);
+    # past it, 429 rate_limit_error with retry-after. 0 = no quota.
+    rate_limit: int = 0
+    rate_window: float = 60.0
 
 
 _FLAG_FAULTS = {"hang", "malformed", "unknown_event"}
-_INT_FAULTS = {"status", "hang_after", "reset_after", "error_event_after", "fail_first"}
+_INT_FAULTS = {"status", "hang_after", "reset_after", "error_event_after", "fail_first", "rate_limit"}
 # fail_first without a status is a retry test against a generic upstream failure.
 _DEFAULT_FAIL_STATUS = 500
 
 
 def parse_fault(spec: str) -> Fault:
     """Parse ``status=429;retry_after=2,slow=50`` style specs.
+
+    ``rate_limit=40`` (with an optional ``rate_window=60``, seconds) makes
+    the mock a provider with a quota: the 41st request inside any window gets
+    429 ``rate_limit_error`` and a ``retry-after`` saying when the window
+    frees a place. The window is shared by every request carrying the fault.
 
     Commas separate faults and semicolons their parameters, but every key is
     distinct, so both separators simply split ``key[=value]`` items. Unknown
@@ -134,6 +146,8 @@ def parse_fault(spec: str) -> Fault:
             fields[key] = int(value)
         elif key == "slow":
             fields["slow_ms"] = float(value)
+        elif key == "rate_window":
+            fields["rate_window"] = float(value)
         elif key == "retry_after":
             fields["retry_after"] = value
         else:
@@ -682,7 +696,9 @@ class MockCore:
     """Request in, ``Plan`` out: every decision the mock makes, without I/O or a clock.
 
     The only state is the ``fail_first`` tally (which identical request is
-    this?), kept in a bounded LRU so a long benchmark cannot grow it.
+    this?), kept in a bounded LRU so a long benchmark cannot grow it, and the
+    ``rate_limit`` fault's window of accepted requests (at most its limit of
+    timestamps); the caller passes ``now``.
     """
 
     def __init__(self, settings: MockSettings) -> None:
@@ -690,6 +706,8 @@ class MockCore:
         self._fail_counts: cachetools.LRUCache[tuple[str, bytes], int] = cachetools.LRUCache(maxsize=_FAIL_KEYS)
         self._faults: dict[str, Fault] = {}
         self._default_fault = parse_fault(settings.fault)  # a bad --fault fails at start-up
+        self._window: collections.deque[float] = collections.deque()
+        self.rate_limited = 0  # requests refused by the rate_limit fault
 
     def _fault(self, spec: str) -> Fault:
         fault = self._faults.get(spec)
@@ -699,14 +717,14 @@ class MockCore:
             fault = self._faults[spec] = parse_fault(spec)
         return fault
 
-    def respond(self, req: RecordedRequest) -> Plan:
+    def respond(self, req: RecordedRequest, now: float = 0.0) -> Plan:
         openai = _speaks_openai(req)
         try:
-            return self._respond(req, openai)
+            return self._respond(req, openai, now)
         except _Bad as exc:
             return _error_plan(exc.status, str(exc), openai)
 
-    def _respond(self, req: RecordedRequest, openai: bool) -> Plan:
+    def _respond(self, req: RecordedRequest, openai: bool, now: float) -> Plan:
         s = self.settings
         fault_spec: str | None = None
         overrides: dict[bytes, bytes] = {}
@@ -728,6 +746,18 @@ class MockCore:
         except ValueError as exc:
             raise _Bad(400, f"bad x-mock-* header: {exc}") from None
 
+        if fault.rate_limit:
+            window = self._window
+            while window and window[0] <= now - fault.rate_window:
+                window.popleft()
+            if len(window) >= fault.rate_limit:
+                self.rate_limited += 1
+                plan = _error_plan(429, f"mock fault: more than {fault.rate_limit} requests in {fault.rate_window:g} s", openai)
+                wait = max(1, math.ceil(window[0] + fault.rate_window - now))
+                plan.headers.append((b"retry-after", b"%d" % wait))
+                plan.latency = latency
+                return plan
+            window.append(now)
         if fault.hang:
             plan = Plan(200, [])
             plan.latency, plan.hang = latency, True
@@ -923,6 +953,8 @@ class MockUpstream:
         self.settings = settings or MockSettings()
         self.core = MockCore(self.settings)
         self.requests: collections.deque[RecordedRequest] = collections.deque(maxlen=keep_requests)
+        # When each recorded request arrived (trio time), for tests of pacing.
+        self.arrived: collections.deque[float] = collections.deque(maxlen=keep_requests)
         self._keep_bytes = keep_bytes
         self._kept_bytes = 0
         self.calls = 0
@@ -988,9 +1020,10 @@ class MockUpstream:
                     plan = self._mock_route(req)
                 else:
                     self.calls += 1
+                    self.arrived.append(trio.current_time())
                     self._record(req)
                     try:
-                        plan = self.core.respond(req)
+                        plan = self.core.respond(req, trio.current_time())
                     except Exception as exc:  # noqa: BLE001 - pure code: no Cancelled can come out of it
                         # An input shape the core did not foresee must become a
                         # 500 the test can see, not kill every other connection.

@@ -83,6 +83,8 @@ class Weir:
             "/v1/models": {"GET": self.passthrough},
             "/v1/chat/completions": {"POST": self.chat_completions},
         }
+        # The methods Anthropic's API uses on the endpoints Weir does not read.
+        self._forwarded = dict.fromkeys(("GET", "POST", "DELETE", "PUT", "PATCH"), self.passthrough)
         from .admin import build_admin
 
         self.admin = build_admin(self)
@@ -120,8 +122,12 @@ class Weir:
         if methods is None:
             if path.startswith("/v1/models/"):
                 methods = {"GET": self.passthrough}
-            elif path.startswith("/v1/messages/batches"):
-                methods = {"GET": self.passthrough, "POST": self.passthrough, "DELETE": self.passthrough}
+            elif not path.startswith("/v1/chat/"):
+                # Batches, files, skills and whatever Anthropic adds next:
+                # forwarded, as checked above, to an Anthropic-kind target
+                # (proxy/router.py resolves them); a target kind with no
+                # equivalent answers 404 (proxy/upstream/adapters.py).
+                methods = self._forwarded
         ex = Exchange(request_id=request_id(headers), started=time.perf_counter(), method=scope["method"], path=path)
         handler = methods.get(scope["method"]) if methods is not None else None
         if handler is None:
@@ -278,7 +284,7 @@ class Weir:
         await self._forward(scope, receive, send, headers, ex, body, ident)
 
     async def passthrough(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange) -> None:
-        """Routes Weir forwards without reading: models, batches."""
+        """Routes Weir forwards without reading: models, batches, files, skills…"""
         try:
             ident = self.auth.identify(headers)
             ex.tenant = ident.tenant

@@ -48,15 +48,18 @@ from .errors import ProxyError
 from .keypool import KeyPool, Lease
 from .relay import Deadlines, Exchange, is_anthropic_error, upstream_failure
 from .retry import Decision, GiveUp, Outcome, RetryPolicy, retry_after_from_headers
-from .scheduler import FifoSemaphoreScheduler, Overloaded, Scheduler
+from .scheduler import FifoSemaphoreScheduler, Overloaded, PaceBudget, Scheduler
 from .settings import Settings
 from .upstream import Target, UpstreamError, UpstreamRequest, UpstreamResponse
 from .upstream.adapters import prepare, wrap
+from .usage import estimate_input_tokens
 
 __all__ = ["Router", "Lane"]
 
 _PRIORITIES = ("interactive", "batch")  # highest first, as the scheduler orders them
 _GLOB = frozenset("*?[")
+# Paths routed by the requested model; every other API path is an endpoint of Anthropic's own.
+_BY_MODEL = frozenset(("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions"))
 # Error bodies read to build the final answer after a failover; a real one is < 1 KiB.
 _ERROR_LIMIT = 64 * 1024
 
@@ -138,12 +141,18 @@ class Router:
             if s.policy == "fifo":
                 sched: Scheduler | FifoSemaphoreScheduler = FifoSemaphoreScheduler(capacity=n, max_queue=s.max_queue)
             else:
+                u = t.settings
+                budget = None
+                if u.requests_per_minute or u.tokens_per_minute:
+                    # The provider's quota: requests beyond it wait here, spaced out.
+                    budget = PaceBudget(requests_per_minute=u.requests_per_minute, tokens_per_minute=u.tokens_per_minute, burst=u.burst)
                 sched = Scheduler(
                     capacity=n,
                     max_queue=s.max_queue,
                     weights=weights,
                     starvation_limit=s.starvation_limit,
                     max_queue_per_tenant=s.max_queue_per_tenant or None,
+                    budget=budget,
                 )
             keys = KeyPool(t.keys, name=t.name) if t.keys else None
             self.lanes.append(Lane(t, breaker=CircuitBreaker(breaker_config), keys=keys, scheduler=sched))
@@ -173,6 +182,16 @@ class Router:
         first = self.lanes[0]
         return [(first, first.target.settings.model)]
 
+    def resolve_request(self, req: UpstreamRequest) -> list[tuple[Lane, str]]:
+        """The chain for ``req``: by model and kind for a generation, and for an
+        endpoint only Anthropic has (batches, files, skills…) its Anthropic-kind
+        targets in configuration order — or, with none, the model's chain,
+        whose target answers 404 for what it has no equivalent of."""
+        if req.path in _BY_MODEL or req.path.startswith("/v1/models"):
+            return self.resolve(req.model, req.kind)
+        chain = [(lane, "") for lane in self.lanes if lane.target.kind == "anthropic"]
+        return chain or self.resolve(req.model, req.kind)
+
     def usable(self, now: float) -> bool:
         """False when every target's breaker is open: /ready says 503."""
         return any(lane.breaker.state(now).value != "open" for lane in self.lanes)
@@ -192,7 +211,7 @@ class Router:
 
     async def _acquire(self, req: UpstreamRequest, ident: Identity, ex: Exchange, deadlines: Deadlines, held: AsyncExitStack) -> UpstreamResponse:
         head_deadline = min(trio.current_time() + deadlines.first_byte_s, deadlines.total)
-        chain = self.resolve(req.model, req.kind)
+        chain = self.resolve_request(req)
         failures = _Failures()
         for i, (lane, model) in enumerate(chain):
             resp = await self._try_lane(lane, model, req, ident, ex, head_deadline, held, failures, last=i == len(chain) - 1)
@@ -250,7 +269,9 @@ class Router:
                     credentials = lane.target.credentials(lease.secret)
                 async with AsyncExitStack() as stack:
                     try:
-                        await stack.enter_async_context(lane.scheduler.slot(tenant=ident.tenant, priority=priority, deadline=head_deadline))
+                        ticket = await stack.enter_async_context(
+                            lane.scheduler.slot(tenant=ident.tenant, priority=priority, deadline=head_deadline, tokens=estimate_input_tokens(leg.request.body))
+                        )
                     except Overloaded as exc:
                         failures.note(_RANK_SHED, exc)
                         return None
@@ -298,6 +319,8 @@ class Router:
                         headers = _header_map(resp.headers) if lease is not None or status >= 400 else {}
                         if lease is not None:
                             pool.observe(lease, status, headers, now, wallclock=time.time())  # type: ignore[union-attr]
+                        # The provider budget's AIMD: a 429 lowers it, a success wins some back.
+                        lane.scheduler.report(ticket, status, retry_after_from_headers(headers, time.time()) if status == 429 else None)
                         if status < 400:
                             # A good head is not yet a good answer: the stream
                             # behind it may still break. Judged when it ends.

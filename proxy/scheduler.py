@@ -15,6 +15,10 @@ Two layers, h11-style:
 * :class:`Scheduler` is the thin trio shell: ``async with scheduler.slot(...)``
   parks the task until the policy grants it and frees the slot exactly once on
   every way out of the block.
+* :class:`PaceBudget` is a provider's per-minute quota, inside the same
+  policy: when a target has one, a grant needs a free slot *and* the budget's
+  say-so, so requests beyond the quota wait in this queue, fairly ordered and
+  evenly spaced, instead of going out to fail with 429.
 
 :class:`FifoSemaphoreScheduler` is the old design behind the same interface,
 kept so the benchmark compares the two in one run.
@@ -34,6 +38,7 @@ from proxy.errors import ProxyError
 
 __all__ = [
     "FairQueue",
+    "PaceBudget",
     "FifoSemaphoreScheduler",
     "Overloaded",
     "Scheduler",
@@ -81,6 +86,151 @@ class Overloaded(ProxyError):
         )
 
 
+class PaceBudget:
+    """A provider's per-minute quota for one target, spent evenly: pure policy.
+
+    Providers publish a quota per minute (NVIDIA NIM's free tier: 40
+    requests) and answer 429 past it. Sending a backlog at once and letting
+    the provider refuse most of it wastes the calls and the client's retries;
+    this budget instead says *when* the queue's next grant may go, so waiting
+    requests leave spaced out and none is refused.
+
+    Pacing is GCRA (the leaky bucket as a virtual schedule, one float per
+    quota): each grant moves the "theoretical arrival time" ``tat`` one
+    interval on, and a grant may go once ``tat`` is at most ``burst - 1``
+    intervals ahead of now. For requests the interval is ``60 / (L - burst)``
+    seconds, not ``60 / L``: GCRA lets ``burst + 60/interval`` requests
+    through in any 60-second window, so spacing at ``L - burst`` a minute
+    keeps every window — a provider's sliding one included — at ``L`` or
+    fewer (40 a minute, burst 2: one request every 1.58 s, 40 in any minute,
+    never 41). Tokens are paced at their quota (their costs are estimates,
+    request bytes / 4, so there is no exact window to keep), with the same
+    burst counted in requests of the size last sent.
+
+    A 429 means the quota is smaller than configured, or shared with someone
+    else: AIMD, as TCP does for the same reason. The rate halves (at most once
+    per flight: a 429 for a request sent before the last decrease says
+    nothing new), the budget sends nothing until the 429's ``retry-after``,
+    and it stays lowered until the provider's window has passed (the
+    ``retry-after`` or a whole minute); after that each success adds back a
+    tenth of the configured rate.
+    """
+
+    __slots__ = (
+        "window", "burst", "requests_per_window", "tokens_per_window",
+        "_interval", "_tok_rate", "_scale", "_decrease", "_increase", "_floor",
+        "_tat", "_tok_tat", "_tok_step", "_hold_until", "_decreased_at", "rate_limited",
+    )
+
+    def __init__(
+        self,
+        *,
+        requests_per_minute: float = 0.0,
+        tokens_per_minute: float = 0.0,
+        burst: int = 2,  # the issue's default; see UpstreamSettings.burst
+        window: float = 60.0,  # providers count per minute
+        # TCP's multiplicative decrease (RFC 5681 halves the window on loss).
+        decrease: float = 0.5,
+        # A tenth of the configured rate per success: back to full within ten
+        # good answers once the window has passed.
+        increase: float = 0.1,
+        # Never below 1/16 of the quota: a quota halved four times in a row
+        # is a provider that is down, which the breaker handles, not pacing.
+        floor: float = 1 / 16,
+    ) -> None:
+        if burst < 1:
+            raise ValueError("burst must be >= 1")
+        if requests_per_minute and burst >= requests_per_minute:
+            raise ValueError("burst must be below requests_per_minute")
+        self.window = window
+        self.burst = burst
+        self.requests_per_window = requests_per_minute
+        self.tokens_per_window = tokens_per_minute
+        self._interval = window / (requests_per_minute - burst) if requests_per_minute else 0.0
+        self._tok_rate = tokens_per_minute / window if tokens_per_minute else 0.0
+        self._scale = 1.0
+        self._decrease, self._increase, self._floor = decrease, increase, floor
+        self._tat = -math.inf
+        self._tok_tat = -math.inf
+        self._tok_step = 0.0
+        self._hold_until = -math.inf
+        self._decreased_at = -math.inf
+        self.rate_limited = 0  # upstream 429s seen
+
+    @property
+    def scale(self) -> float:
+        """The share of the configured quota in use (1.0 until a 429)."""
+        return self._scale
+
+    def interval(self) -> float:
+        """Seconds between paced requests now (0: no request quota)."""
+        return self._interval / self._scale
+
+    def ready_at(self) -> float:
+        """The earliest time the next grant may go (``-inf``: now)."""
+        slack = self.burst - 1
+        t = self._tat - slack * self._interval / self._scale if self._interval else -math.inf
+        if self._tok_rate:
+            t = max(t, self._tok_tat - slack * self._tok_step)
+        return t
+
+    def wait(self, now: float, ahead: int, tokens: int) -> float:
+        """Seconds until a request with ``ahead`` grants before it may go.
+
+        GCRA's schedule, read forward: the ``j``-th grant from now goes at
+        ``max(tat, now) + (j - (burst - 1)) × interval``, no earlier than now.
+        The token term assumes the requests ahead are the size of this one.
+        """
+        slack = self.burst - 1
+        wait = 0.0
+        if self._interval:
+            wait = max(self._tat, now) + (ahead - slack) * self.interval() - now
+        if self._tok_rate:
+            tok = max(self._tok_tat, now) - slack * self._tok_step + ahead * tokens / (self._tok_rate * self._scale) - now
+            wait = max(wait, tok)
+        return max(0.0, wait)
+
+    def charge(self, now: float, tokens: int) -> None:
+        """A grant went at ``now`` carrying an estimated ``tokens``."""
+        if self._interval:
+            self._tat = max(self._tat, now) + self._interval / self._scale
+        if self._tok_rate:
+            self._tok_step = tokens / (self._tok_rate * self._scale)
+            self._tok_tat = max(self._tok_tat, now) + self._tok_step
+
+    def rate_limited_by_upstream(self, now: float, sent_at: float, retry_after: float | None) -> None:
+        """The provider answered 429 to a request granted at ``sent_at``."""
+        self.rate_limited += 1
+        if sent_at >= self._decreased_at:  # else sent at the old rate: that decrease answered it
+            self._scale = max(self._floor, self._scale * self._decrease)
+            self._decreased_at = now
+        pause = retry_after if retry_after is not None and retry_after > 0 else 0.0
+        if pause:
+            # Nothing goes before the provider said it may: the next grant's
+            # ready_at lands on now + retry-after.
+            slack = self.burst - 1
+            if self._interval:
+                self._tat = max(self._tat, now + pause + slack * self._interval / self._scale)
+            if self._tok_rate:
+                self._tok_tat = max(self._tok_tat, now + pause + slack * self._tok_step)
+        self._hold_until = max(self._hold_until, now + (pause or self.window))
+
+    def succeeded(self, now: float) -> None:
+        """The provider accepted a request: past the window, win back some rate."""
+        if self._scale < 1.0 and now >= self._hold_until:
+            self._scale = min(1.0, self._scale + self._increase)
+
+    def snapshot(self) -> dict[str, float]:
+        return {
+            "requests_per_minute": self.requests_per_window,
+            "tokens_per_minute": self.tokens_per_window,
+            "burst": self.burst,
+            "scale": self._scale,
+            "interval_s": self.interval(),
+            "rate_limited": self.rate_limited,
+        }
+
+
 class Ticket:
     """One request's place in the queue.
 
@@ -89,7 +239,7 @@ class Ticket:
     Event it parks on); the policy never reads it.
     """
 
-    __slots__ = ("tenant", "priority", "cost", "enqueued_at", "deadline", "state", "handle", "_tq")
+    __slots__ = ("tenant", "priority", "cost", "tokens", "enqueued_at", "deadline", "granted_at", "state", "handle", "_tq")
 
     def __init__(
         self,
@@ -98,12 +248,15 @@ class Ticket:
         enqueued_at: float,
         deadline: float | None = None,
         cost: float = 1.0,  # one request; token-estimated costs plug in here later
+        tokens: int = 0,  # estimated input tokens, charged to a PaceBudget's token quota
     ) -> None:
         self.tenant = tenant
         self.priority = priority
         self.cost = cost
+        self.tokens = tokens
         self.enqueued_at = enqueued_at
         self.deadline = deadline
+        self.granted_at: float | None = None
         self.state = NEW
         self.handle: object = None
         self._tq: _TenantQueue | None = None
@@ -189,6 +342,7 @@ class QueueStats(msgspec.Struct):
     depth_by_priority: dict[str, int]
     service_time_ewma: float | None
     tenants: dict[str, TenantStats]
+    budget: dict[str, float] | None = None  # the provider quota's pacing, when the target has one
 
 
 class FairQueue:
@@ -241,6 +395,8 @@ class FairQueue:
         initial_service_time: float | None = None,
         # retry-after below 1 s invites an instant retry storm; HTTP rounds to seconds anyway.
         min_retry_after: float = 1.0,
+        # The provider's quota for this target; None = only the slots limit grants.
+        budget: PaceBudget | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
@@ -256,6 +412,7 @@ class FairQueue:
         self._alpha = ewma_alpha
         self._service = initial_service_time
         self._min_retry_after = min_retry_after
+        self.budget = budget
         self._classes = [_Class(name, i) for i, name in enumerate(priorities)]
         self._by_name = {c.name: c for c in self._classes}
         self._tenant_live: dict[str, int] = {}
@@ -272,7 +429,7 @@ class FairQueue:
     def service_time(self) -> float | None:
         return self._service
 
-    def expected_wait(self, ticket: Ticket) -> float | None:
+    def expected_wait(self, ticket: Ticket, now: float | None = None) -> float | None:
         """Seconds ``ticket`` would wait if enqueued now; None with no estimate yet.
 
         The estimator, O(1) per call:
@@ -290,8 +447,12 @@ class FairQueue:
         * The tickets ahead drain at ``capacity`` slots per EWMA slot-hold
           time, after the free slots absorb the first ones:
           ``wait = max(0, ahead + 1 − free) × service_time / capacity``.
+        * With a provider budget (and ``now``), the tickets ahead also leave
+          one budget interval apart after the budget's next opening; the
+          longer of the two waits is the estimate (the pacing wait is known
+          from the first request on, so it sheds even on a cold start).
         """
-        if self._service is None:
+        if self._service is None and (self.budget is None or now is None):
             return None
         cls = self._by_name[ticket.priority]
         w = self.weight(ticket.tenant)
@@ -308,9 +469,10 @@ class FairQueue:
             higher = min(higher, (in_class + 1) * (self._starvation_limit - 1))
         ahead = in_class + higher
         needed = ahead + 1 - (self.capacity - self.in_flight)
-        if needed <= 0:
-            return 0.0
-        return needed * self._service / self.capacity
+        slots = 0.0 if needed <= 0 or self._service is None else needed * self._service / self.capacity
+        if self.budget is not None and now is not None:
+            return max(slots, self.budget.wait(now, math.ceil(ahead), ticket.tokens))
+        return slots
 
     def should_shed(self, ticket: Ticket, now: float) -> str | None:
         """Why ``ticket`` must be refused now, or None to enqueue it.
@@ -327,14 +489,14 @@ class FairQueue:
         if ticket.deadline is not None:
             if ticket.deadline <= now:
                 return SHED_DEADLINE
-            wait = self.expected_wait(ticket)
+            wait = self.expected_wait(ticket, now)
             if wait is not None and now + wait > ticket.deadline:
                 return SHED_DEADLINE
         return None
 
-    def retry_after(self, ticket: Ticket) -> float:
+    def retry_after(self, ticket: Ticket, now: float | None = None) -> float:
         """A client's back-off hint: how long until this queue could take it."""
-        wait = self.expected_wait(ticket)
+        wait = self.expected_wait(ticket, now)
         if wait is None:
             return self._min_retry_after
         return max(self._min_retry_after, wait)
@@ -388,11 +550,18 @@ class FairQueue:
         return True
 
     def grant(self, now: float) -> list[Ticket]:
-        """Tickets to admit now, while slots are free, in fair order."""
+        """Tickets to admit now, while slots are free and the budget allows, in fair order."""
         granted: list[Ticket] = []
+        budget = self.budget
         while self.in_flight < self.capacity and self.depth:
+            if budget is not None:
+                if budget.ready_at() > now:
+                    break
             cls = self._pick_class()
             ticket = self._next_in_class(cls)
+            if budget is not None:
+                budget.charge(now, ticket.tokens)
+            ticket.granted_at = now
             ticket.state = GRANTED
             self._unlive(ticket, ticket._tq)  # type: ignore[arg-type]
             self.in_flight += 1
@@ -417,6 +586,36 @@ class FairQueue:
         ticket.state = RELEASED
         self.in_flight -= 1
         return True
+
+    def next_grant_at(self) -> float | None:
+        """When the budget lets the next waiter go, if only the budget holds it back.
+
+        None when nothing waits, or when slots are the limit (a release will
+        grant) or there is no budget: then no timer is needed.
+        """
+        if self.budget is None or not self.depth or self.in_flight >= self.capacity:
+            return None
+        return self.budget.ready_at()
+
+    def peek(self) -> Ticket | None:
+        """A waiting ticket (the head of the busiest class's ring), without granting it."""
+        for c in self._classes:
+            if c.live:
+                for tq in c.ring:
+                    head = tq.head()
+                    if head is not None:
+                        return head
+        return None
+
+    def observe_response(self, ticket: Ticket, status: int, retry_after: float | None, now: float) -> None:
+        """Feed an upstream answer to the budget: a 429 lowers it, a success wins some back."""
+        budget = self.budget
+        if budget is None or ticket.granted_at is None:
+            return
+        if status == 429:
+            budget.rate_limited_by_upstream(now, ticket.granted_at, retry_after)
+        elif status < 400:
+            budget.succeeded(now)
 
     def observe_service_time(self, seconds: float) -> None:
         """Feed one slot-hold duration into the EWMA behind expected waits."""
@@ -450,6 +649,7 @@ class FairQueue:
             depth_by_priority={c.name: c.live for c in self._classes},
             service_time_ewma=self._service,
             tenants=tenants,
+            budget=self.budget.snapshot() if self.budget is not None else None,
         )
 
     # -- internals -------------------------------------------------------------
@@ -534,8 +734,12 @@ class Scheduler:
 
     Waiters park on a per-ticket ``trio.Event``: a grant wakes exactly the task
     it names, with no thundering herd and no scan. The policy only changes
-    state from inside ``slot()`` — on enqueue and on release — so no background
-    task is needed and none exists.
+    state from inside ``slot()`` — on enqueue, on release, and when a budget's
+    next opening comes — so no background task is needed and none exists: when
+    a budget holds the queue back, one waiter (the *pacer*) also sleeps until
+    that opening and grants whoever is next in fair order. A pacer that leaves
+    (granted, cancelled, expired) wakes another waiter to take over, so there
+    is exactly one timer per paced queue and no herd.
     """
 
     def __init__(
@@ -547,6 +751,7 @@ class Scheduler:
         **policy: object,
     ) -> None:
         self._q = FairQueue(capacity=capacity, max_queue=max_queue, weights=weights, **policy)  # type: ignore[arg-type]
+        self._pacer: Ticket | None = None
 
     @property
     def policy(self) -> FairQueue:
@@ -561,6 +766,43 @@ class Scheduler:
             ev = t.handle
             if ev is not None:
                 ev.set()  # type: ignore[attr-defined]
+        self._elect()
+
+    def _elect(self) -> None:
+        """Make sure a waiter sleeps until the budget's next opening, if one is due."""
+        if self._pacer is not None or self._q.next_grant_at() is None:
+            return
+        t = self._q.peek()
+        # A ticket with no handle yet is inside slot(), about to wait: it claims the role itself.
+        if t is not None and t.handle is not None:
+            t.handle.set()  # type: ignore[attr-defined]
+
+    async def _wait(self, ticket: Ticket, deadline: float | None) -> None:
+        """Park until ``ticket`` is granted; raise Overloaded if ``deadline`` passes first."""
+        q = self._q
+        limit = math.inf if deadline is None else deadline
+        while True:
+            ev = ticket.handle = trio.Event()
+            wake = limit
+            if self._pacer is None or self._pacer is ticket:
+                opening = q.next_grant_at()
+                if opening is not None:
+                    self._pacer = ticket
+                    wake = min(wake, opening)
+            with trio.move_on_at(wake):
+                await ev.wait()
+            if ticket.state is not QUEUED:
+                return
+            if self._pacer is ticket:
+                self._pacer = None
+            now = trio.current_time()
+            if now >= limit:
+                q.cancel(ticket)
+                q.record_shed(ticket, SHED_EXPIRED)
+                raise Overloaded(q.retry_after(ticket, now), SHED_EXPIRED)
+            self._pump(now)
+            if ticket.state is not QUEUED:
+                return
 
     @asynccontextmanager
     async def slot(
@@ -570,6 +812,7 @@ class Scheduler:
         priority: str = "interactive",  # the class a client gets unless it asks to be batch
         deadline: float | None = None,  # trio time; None => bounded only by the caller's cancel scope
         cost: float = 1.0,  # one request; see Ticket
+        tokens: int = 0,  # estimated input tokens, for a budget's token quota
     ) -> AsyncIterator[Ticket]:
         """Hold one of the target's connection slots for the duration of the block.
 
@@ -582,26 +825,17 @@ class Scheduler:
         """
         q = self._q
         now = trio.current_time()
-        ticket = Ticket(tenant, priority, now, deadline, cost)
+        ticket = Ticket(tenant, priority, now, deadline, cost, tokens)
         reason = q.should_shed(ticket, now)
         if reason is not None:
             q.record_shed(ticket, reason)
-            raise Overloaded(q.retry_after(ticket), reason)
+            raise Overloaded(q.retry_after(ticket, now), reason)
         q.enqueue(ticket)
         self._pump(now)
         held_from: float | None = None
         try:
             if ticket.state is QUEUED:
-                ev = ticket.handle = trio.Event()
-                if deadline is None:
-                    await ev.wait()
-                else:
-                    with trio.move_on_at(deadline):
-                        await ev.wait()
-                    if ticket.state is QUEUED:
-                        q.cancel(ticket)
-                        q.record_shed(ticket, SHED_EXPIRED)
-                        raise Overloaded(q.retry_after(ticket), SHED_EXPIRED)
+                await self._wait(ticket, deadline)
             else:
                 # Granted without waiting: still a checkpoint, as trio expects
                 # of every async call (and a cancellation point the finally covers).
@@ -609,6 +843,8 @@ class Scheduler:
             held_from = trio.current_time()
             yield ticket
         finally:
+            if self._pacer is ticket:
+                self._pacer = None
             if ticket.state is QUEUED:
                 q.cancel(ticket)
             elif ticket.state is GRANTED:
@@ -617,6 +853,12 @@ class Scheduler:
                 if held_from is not None:
                     q.observe_service_time(end - held_from)
                 self._pump(end)
+            self._elect()
+
+    def report(self, ticket: Ticket | None, status: int, retry_after: float | None) -> None:
+        """The upstream's answer to a granted request, for the provider budget's AIMD."""
+        if ticket is not None:
+            self._q.observe_response(ticket, status, retry_after, trio.current_time())
 
     def stats(self) -> QueueStats:
         return self._q.stats()
@@ -649,6 +891,7 @@ class FifoSemaphoreScheduler:
         priority: str = "interactive",  # ignored; same signature as Scheduler.slot
         deadline: float | None = None,  # trio time
         cost: float = 1.0,  # ignored
+        tokens: int = 0,  # ignored
     ) -> AsyncIterator[None]:
         if self.waiting >= self.max_queue:
             self.shed += 1
@@ -669,6 +912,9 @@ class FifoSemaphoreScheduler:
             yield
         finally:
             self._sem.release()
+
+    def report(self, ticket: object, status: int, retry_after: float | None) -> None:
+        """No budget here; same interface as Scheduler.report."""
 
     def stats(self) -> dict[str, int]:
         return {

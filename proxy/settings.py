@@ -121,7 +121,7 @@ class UpstreamSettings(_Base):
     # The provider's own quota for this target (0 = none known): requests
     # beyond it wait in the target's fair queue, spread evenly, instead of
     # being sent to fail with 429 (NVIDIA NIM's free tier: 40 requests a
-    # minute). See proxy/scheduler.py's ProviderBudget for the pacing rule.
+    # minute). See PaceBudget in proxy/scheduler.py for the pacing rule.
     requests_per_minute: float = 0.0
     # Estimated input tokens (request bytes / 4) per minute; 0 = none known.
     tokens_per_minute: float = 0.0
