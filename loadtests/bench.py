@@ -1,9 +1,10 @@
 """Side-by-side benchmark: server floor, mock upstream direct, and Weir, in one run.
 
-Run: ``loadtests/bench [--duration 10] [--connections 32] [--quick] [--out loadtests/results]``
+Run: ``loadtests/bench [--duration 10] [--connections 32] [--quick] [--save] [--out loadtests/results]``
 (or ``.venv/bin/python -m loadtests.bench ...``). The default run takes about
 2.5 minutes, ``--quick`` about 40 s. Results go to
-``<out>/bench-<timestamp>.json|md`` and overwrite ``<out>/latest.json|md``.
+``<out>/runs/bench-<timestamp>.json|md`` (ignored by git); ``--save`` also
+overwrites the committed ``<out>/latest.json|md`` (``loadtests/record.py``).
 The exit status is 1 when any request failed (non-2xx, socket error), a probe
 showed Weir altering a reply, or the slow stream lagged.
 
@@ -66,6 +67,7 @@ import trio
 from proxy.sse import SSEParser
 
 from .payload import claude_code_body, claude_code_headers
+from .record import RESULTS, add_save_flag, record
 
 __all__ = [
     "BenchConfig",
@@ -723,7 +725,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="short runs, no access-log-off runs: ~40 s")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     p.add_argument("--mock-workers", type=int, default=d.mock_workers)
-    p.add_argument("--out", default=str(ROOT / "loadtests" / "results"), help="results directory")
+    p.add_argument("--out", default=str(RESULTS), help="results directory")
+    add_save_flag(p, "latest")
     ns = p.parse_args(argv)
     fields: dict[str, Any] = dict(QUICK) if ns.quick else {}
     if ns.duration is not None:
@@ -734,17 +737,12 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {1})  # this process and wrk: the load core
     with tempfile.TemporaryDirectory(prefix="weir-bench-") as tmp:
         report = trio.run(run, Bench(cfg, Path(tmp)))  # Bench writes the bodies before trio starts
-    out = Path(ns.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     text_json = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
     text_md = render_markdown(report)
-    for name in (f"bench-{stamp}", "latest"):
-        (out / f"{name}.json").write_text(text_json)
-        (out / f"{name}.md").write_text(text_md)
+    written = record("bench", "latest", {"json": text_json, "md": text_md}, save=ns.save, out=Path(ns.out))
     print()
     print(text_md)
-    print(f"written: {out}/bench-{stamp}.json|md and latest.json|md")
+    print("written: " + ", ".join(str(p) for p in written))
     if report["failures"]:
         print("!!! BENCHMARK FAILURES:\n" + "\n".join("!!!   " + f for f in report["failures"]), file=sys.stderr)
         return 1

@@ -25,7 +25,8 @@ import httpx
 import msgspec
 import trio
 
-from loadtests.bench import ROOT, VENV_BIN, Server, _free_port, _pin, _tree, _weir_env, lua_script, run_wrk
+from loadtests.bench import VENV_BIN, Server, _free_port, _pin, _tree, _weir_env, lua_script, run_wrk
+from loadtests.record import add_save_flag, record
 
 _BODY = msgspec.json.encode({"model": "claude-sonnet-4-5", "max_tokens": 64, "temperature": 0, "messages": [{"role": "user", "content": "bench the cache"}]})
 _HEADERS = {"x-api-key": "sk-bench", "anthropic-version": "2023-06-01", "content-type": "application/json"}
@@ -100,12 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=5.0)  # 5 s holds thousands of hits at the measured rates
     p.add_argument("--connections", type=int, default=64)  # ARCHITECTURE.md's reference load
+    add_save_flag(p, "cache-latest")
     ns = p.parse_args(argv)
     out = trio.run(main_async, ns.duration, ns.connections)
-    results = ROOT / "loadtests" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "cache-latest.json").write_bytes(msgspec.json.format(msgspec.json.encode(out)))
+    written = record("cache", "cache-latest", {"json": msgspec.json.format(msgspec.json.encode(out))}, save=ns.save)
     print(msgspec.json.encode(out).decode())
+    print("written: " + ", ".join(str(p) for p in written))
     return 0
 
 

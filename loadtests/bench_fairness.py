@@ -17,7 +17,8 @@ Then, for each:
 
 Each load loop uses its own one-connection httpx client: one client with a
 big pool spends its time scanning that pool (see proxy/upstream/pool.py).
-Results: loadtests/results/fairness-latest.json|md.
+Results: loadtests/results/runs/fairness-<timestamp>.json|md; ``--save`` also
+overwrites the committed loadtests/results/fairness-latest.json|md.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ import httpx
 import msgspec
 import trio
 
-from loadtests.bench import ROOT, VENV_BIN, Server, _free_port, _weir_env
+from loadtests.bench import VENV_BIN, Server, _free_port, _weir_env
+from loadtests.record import add_save_flag, record
 
-RESULTS = ROOT / "loadtests" / "results"
 BUDGET = 16  # the target's connection budget: the scheduler's cap
 BODY = b'{"model":"claude-haiku-4-5","max_tokens":32,"messages":[{"role":"user","content":"hi"}]}'
 TENANTS = {"quiet": 1.0, "flood": 1.0, "t1": 1.0, "t2": 1.0, "t3": 1.0, "t4": 1.0, "heavy": 3.0, "light": 1.0}
@@ -197,13 +198,13 @@ async def main_async(quick: bool) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
+    add_save_flag(p, "fairness-latest")
     ns = p.parse_args(argv)
     report = trio.run(main_async, ns.quick)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "fairness-latest.json").write_bytes(msgspec.json.format(msgspec.json.encode(report)))
     md = render(report)
-    (RESULTS / "fairness-latest.md").write_text(md)
+    written = record("fairness", "fairness-latest", {"json": msgspec.json.format(msgspec.json.encode(report)), "md": md}, save=ns.save)
     print(md)
+    print("written: " + ", ".join(str(p) for p in written))
     return 0
 
 

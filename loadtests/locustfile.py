@@ -5,18 +5,17 @@
 by the tests. wrk (``loadtests/bench``) gives the headline throughput figures;
 locust is for mixed, user-shaped traffic and watching a run live in its UI.
 
-Set up once::
+Set up once, from the repository root (``.venv-load/`` is ignored by git)::
 
-    python3 -m venv /tmp/locustvenv && /tmp/locustvenv/bin/pip install locust
+    python3 -m venv .venv-load && .venv-load/bin/pip install -q locust
 
-Run against a Weir (for instance ``weir serve --port 8080`` with its built-in
-mock, or ``--upstream http://127.0.0.1:8081`` in front of
-``python -m mock --port 8081 --output-tokens 100``)::
+Run from the repository root against a Weir (for instance ``weir serve --port
+8080`` with its built-in mock, or ``--upstream http://127.0.0.1:8081`` in
+front of ``python -m mock --port 8081 --output-tokens 100``)::
 
-    cd /work/main
-    /tmp/locustvenv/bin/locust -f loadtests/locustfile.py --host http://127.0.0.1:8080 \\
+    .venv-load/bin/locust -f loadtests/locustfile.py --host http://127.0.0.1:8080 \\
         --headless -u 16 -r 16 -t 10s --only-summary            # the mix
-    /tmp/locustvenv/bin/locust -f loadtests/locustfile.py --host http://127.0.0.1:8080 \\
+    .venv-load/bin/locust -f loadtests/locustfile.py --host http://127.0.0.1:8080 \\
         --headless -u 8 -r 8 -t 10s StreamingUser                # one scenario
 
 User classes (pass one or more names to pick; none = all, weighted):

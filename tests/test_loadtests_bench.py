@@ -262,3 +262,26 @@ async def test_wrk_script_posts_the_whole_body_to_the_floor(tmp_path):
     assert result.requests > 0 and result.failures == 0
     assert result.p50_ms > 0 and result.p99_ms >= result.p50_ms
     assert len(seen) >= result.requests and set(seen) == {len(body)}
+
+
+# ------------------------------------------------------------------ results
+
+
+def test_a_run_is_recorded_outside_git_and_latest_changes_only_with_save(tmp_path):
+    from loadtests.record import record
+
+    first = record("bench", "latest", {"json": "{}\n", "md": "# run 1\n"}, save=False, out=tmp_path)
+    assert [p.parent.name for p in first] == ["runs", "runs"] and not (tmp_path / "latest.md").exists()
+    saved = record("bench", "latest", {"json": "{}\n", "md": "# run 2\n"}, save=True, out=tmp_path)
+    assert (tmp_path / "latest.md").read_text() == "# run 2\n" and tmp_path / "latest.json" in saved
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (bench.ROOT / ".git").exists(), reason="not a git checkout")
+def test_benchmark_runs_and_the_locust_venv_are_ignored_by_git():
+    import subprocess
+
+    paths = ["loadtests/results/runs/bench-20260101-000000.json", ".venv-load/bin/locust"]
+    ignored = subprocess.run(["git", "check-ignore", *paths], cwd=bench.ROOT, capture_output=True, text=True).stdout.split()
+    assert ignored == paths
+    tracked = subprocess.run(["git", "check-ignore", "--no-index", "loadtests/results/latest.json"], cwd=bench.ROOT, capture_output=True)
+    assert tracked.returncode == 1  # the committed figures stay tracked
