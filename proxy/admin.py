@@ -69,6 +69,22 @@ def build_admin(weir: Weir) -> QuartTrio:
             return _json_error(401, "authentication_error", "admin key required")
         return None
 
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        """Prometheus' text format, summed over every worker (see proxy/metrics.py)."""
+        if weir.metrics is None:
+            return _json_error(404, "not_found_error", "metrics are disabled: set metrics.enabled = true")
+        if not weir.settings.metrics.public:
+            if not weir.auth.admin_enabled:
+                return _json_error(404, "not_found_error", "/metrics needs the admin key (set auth.admin_key) or metrics.public = true")
+            if not weir.auth.is_admin({k.lower().encode(): v.encode() for k, v in request.headers.items()}):
+                return _json_error(401, "authentication_error", "admin key required")
+        await weir.refresh_gauges()
+        from .metrics import CONTENT_TYPE
+
+        body = await trio.to_thread.run_sync(weir.metrics.render)
+        return Response(body, status=200, content_type=CONTENT_TYPE)
+
     @app.get("/admin/upstreams")
     async def upstreams() -> Any:
         """Targets with their breaker, key pool (ids, never secrets) and scheduler state."""

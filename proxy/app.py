@@ -30,6 +30,7 @@ from .headers import request_id, upstream_request_headers
 from .kinds import classify
 from .local_answers import local_answer
 from .logs import AccessLog, AccessRecord
+from .metrics import Metrics
 from .relay import (
     Deadlines,
     Exchange,
@@ -76,6 +77,11 @@ class Weir:
         self.limited: dict[str, int] = {}  # tenant → requests refused by the rate limiter
         self.cache: CacheStage | None = None  # built in startup(), after the router
         self.local_kinds = frozenset(settings.claude_code.answer_locally)
+        self.metrics: Metrics | None = None
+        self._refreshes = 0
+        if settings.metrics.enabled:
+            targets = [u.name for u in settings.upstreams] + (["mock"] if settings.uses_mock() else [])
+            self.metrics = Metrics(tenants=[ck.tenant for ck in settings.auth.client_keys], targets=targets, max_models=settings.metrics.max_models)
         # path → method → handler. A dict lookup is the whole router.
         self.routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
             "/v1/messages": {"POST": self.messages},
@@ -167,6 +173,9 @@ class Weir:
             self._log(ex)
 
     def _log(self, ex: Exchange) -> None:
+        """The one place a finished request is recorded: metrics, then the access log."""
+        if self.metrics is not None:
+            self._measure(ex)
         if not self._access_on:
             return
         now = time.time()
@@ -189,6 +198,29 @@ class Weir:
                 dropped=ex.dropped or None,
                 kind=ex.kind or None,
             )
+        )
+
+    def _measure(self, ex: Exchange) -> None:
+        end = time.perf_counter()
+        cache = ""
+        for name, value in ex.extra_headers:
+            if name == b"x-weir-cache":
+                cache = value.decode()
+        meter = ex.meter
+        self.metrics.request(  # type: ignore[union-attr]
+            route=ex.path,
+            tenant=ex.tenant,
+            model=ex.model,
+            target=ex.target,
+            code=ex.status,
+            cache=cache,
+            kind="",
+            stream=ex.stream,
+            duration_s=end - ex.started,
+            overhead_s=end - ex.started - ex.upstream_s,
+            ttft_s=ex.first_byte - ex.started if ex.first_byte and ex.status < 400 else None,
+            input_tokens=meter.input if meter is not None else 0,
+            output_tokens=meter.output if meter is not None else 0,
         )
 
     # ----------------------------------------------------------- handlers
@@ -251,6 +283,9 @@ class Weir:
         ex.own_ratelimit = not decision.degraded
         if not decision.allowed:
             self.limited[ident.tenant] = self.limited.get(ident.tenant, 0) + 1
+            if self.metrics is not None:
+                spent = decision.requests_limit and decision.requests_remaining <= 0
+                self.metrics.ratelimit_rejection(ident.tenant, "requests" if spent else "tokens")
             ex.outcome = "rate_limited"
             await send_error(send, ex, ProxyError(429, f"rate limit exceeded for tenant {ident.tenant}; retry after {decision.retry_after:.1f}s", "rate_limit_error"))
             return
@@ -475,7 +510,7 @@ class Weir:
             target = Target(u, url=u.url, keys=u.keys(self.environ), deadlines=self.settings.deadlines)
             nursery.start_soon(target.pool.reap_idle)
             self.targets.append(target)
-        self.router = Router(self.settings, self.targets)
+        self.router = Router(self.settings, self.targets, metrics=self.metrics)
         self.ratelimiter = await nursery.start(serve_ratelimiter, self.settings.ratelimit)
         # The cache stage owns its L2 connection and background work from a
         # task in this nursery (see proxy.caching.serve_cache); it closes when
@@ -483,7 +518,40 @@ class Weir:
         self.cache = await nursery.start(
             serve_cache, self.settings.cache, lambda *a, **kw: self.router.open(*a, **kw), self.settings.server.data_path("cache.db")
         )
+        if self.metrics is not None:
+            nursery.start_soon(self._refresh_gauges)
         self.started = True
+
+    async def _refresh_gauges(self) -> None:
+        """Copy component state into this worker's gauges, every ``metrics.refresh_s``."""
+        while True:
+            await self.refresh_gauges()
+            await trio.sleep(self.settings.metrics.refresh_s)
+
+    async def refresh_gauges(self) -> None:
+        metrics = self.metrics
+        if metrics is None:
+            return
+        now = trio.current_time()
+        lanes = self.router.lanes if self.started else []
+        keys = []
+        for lane in lanes:
+            if lane.keys is not None:
+                keys += [(lane.name, k["id"], k["state"] == "ok") for k in lane.keys.snapshot(now)]
+        sizes: list[tuple[str, int]] = []
+        self._refreshes += 1
+        # The cache's stats count L2's rows (an SQLite scan): a slower beat.
+        if self.cache is not None and self._refreshes % _CACHE_REFRESH_EVERY == 1:
+            stats = await self.cache.stats()
+            sizes.append(("l1", int(stats.get("l1", {}).get("bytes", 0))))
+            if "bytes" in stats.get("l2", {}):
+                sizes.append(("l2", int(stats["l2"]["bytes"])))
+        metrics.set_gauges(
+            inflight=self.in_flight,
+            breakers=[(lane.name, str(lane.breaker.snapshot(now)["state"])) for lane in lanes],
+            keys=keys,
+            cache_bytes=sizes,
+        )
 
     async def shutdown(self) -> None:
         for t in self.targets:
@@ -506,6 +574,9 @@ class Weir:
             return False, "starting"
         return True, "ready"
 
+
+# Gauge refreshes per cache-size refresh (15 s at the default 1 s beat).
+_CACHE_REFRESH_EVERY = 15
 
 # After refusing an oversized body, read this much more of it so the client,
 # still sending, is listening when the 413 arrives; past it, the connection

@@ -64,6 +64,7 @@ class Exchange:
     status: int = 0
     target: str = ""
     upstream_s: float = 0.0  # time spent waiting on the upstream for the head
+    first_byte: float = 0.0  # perf_counter when the first body byte was sent (time to first token)
     head_sent: bool = False
     complete: bool = False  # the final body message is (being) sent
     is_sse: bool = False
@@ -193,6 +194,8 @@ async def relay_response(
                 tee(chunk)
             if meter is not None:
                 meter.feed(chunk)
+            if not ex.bytes_out:
+                ex.first_byte = time.perf_counter()
             ex.bytes_out += len(chunk)
             ex.tail = chunk
             await send({"type": "http.response.body", "body": chunk, "more_body": True})

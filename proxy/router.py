@@ -46,6 +46,7 @@ from .auth import Identity
 from .breaker import CircuitBreaker
 from .errors import ProxyError
 from .keypool import KeyPool, Lease
+from .metrics import Metrics
 from .relay import Deadlines, Exchange, is_anthropic_error, upstream_failure
 from .retry import Decision, GiveUp, Outcome, RetryPolicy, retry_after_from_headers
 from .scheduler import FifoSemaphoreScheduler, Overloaded, PaceBudget, Scheduler
@@ -126,8 +127,9 @@ class _Failures:
 
 
 class Router:
-    def __init__(self, settings: Settings, targets: list[Target], *, random: Callable[[], float] = _random.random) -> None:
+    def __init__(self, settings: Settings, targets: list[Target], *, random: Callable[[], float] = _random.random, metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.targets = targets
         breaker_config = settings.breaker
         self.retry = RetryPolicy(settings.retry, random=random)
@@ -268,13 +270,18 @@ class Router:
                         return None
                     credentials = lane.target.credentials(lease.secret)
                 async with AsyncExitStack() as stack:
+                    queued = time.perf_counter()
                     try:
                         ticket = await stack.enter_async_context(
                             lane.scheduler.slot(tenant=ident.tenant, priority=priority, deadline=head_deadline, tokens=estimate_input_tokens(leg.request.body))
                         )
                     except Overloaded as exc:
+                        if self.metrics is not None:
+                            self.metrics.shed_one(lane.name, exc.reason)
                         failures.note(_RANK_SHED, exc)
                         return None
+                    if self.metrics is not None:
+                        self.metrics.waited(lane.name, priority, time.perf_counter() - queued)
                     ex.target = label
                     error: UpstreamError | None = None
                     resp: UpstreamResponse | None = None
@@ -301,8 +308,12 @@ class Router:
                             # (a client hanging up is not). The caller answers 504.
                             lane.breaker.record(permit, False, trio.current_time())
                             permit = None
+                            if self.metrics is not None:
+                                self.metrics.attempt(lane.name, "timeout")
                         raise
                     now = trio.current_time()
+                    if self.metrics is not None:
+                        self.metrics.attempt(lane.name, _attempt_outcome(error, resp))
                     if error is not None or resp is None:
                         assert error is not None
                         lane.breaker.record(permit, False, now)
@@ -405,6 +416,18 @@ def _verdict(lane: Lane, permit: Any, ex: Exchange) -> Callable[..., Any]:
         return False  # never swallow what ended the body
 
     return judge
+
+
+def _attempt_outcome(error: UpstreamError | None, resp: UpstreamResponse | None) -> str:
+    """A closed set for the attempts counter: ``ok``, ``4xx``/``429``/``5xx``/``529``, or the failure kind."""
+    if error is not None:
+        return error.kind if error.kind in ("connect", "timeout", "reset") else "reset"
+    status = resp.status if resp is not None else 0
+    if status < 400:
+        return "ok"
+    if status in (429, 529):
+        return str(status)
+    return "4xx" if status < 500 else "5xx"
 
 
 def _header_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:

@@ -229,6 +229,21 @@ class CacheSettings(_Base):
     lease_poll_s: float = 0.05
 
 
+class MetricsSettings(_Base):
+    """``GET /metrics`` (Prometheus) and the gauges behind it."""
+
+    enabled: bool = True
+    # Off by default: label values name tenants, models and key ids, which is
+    # the admin's business. A scraper on a trusted network may be let in.
+    public: bool = False
+    # How often each worker copies breaker, key, cache and ledger state into
+    # its gauges: well under Prometheus' usual 15-60 s scrape interval.
+    refresh_s: float = 1.0
+    # Distinct model names kept as label values (each one an upstream
+    # accepted); past it, "other". Bounds the series a client can create.
+    max_models: int = 200
+
+
 class Settings(_Base):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     deadlines: DeadlineSettings = msgspec.field(default_factory=DeadlineSettings)
@@ -246,6 +261,7 @@ class Settings(_Base):
     # upstream has a URL (its knobs are defined once, in ``mock/upstream.py``).
     mock: MockSettings = msgspec.field(default_factory=MockSettings)
     claude_code: ClaudeCodeSettings = msgspec.field(default_factory=ClaudeCodeSettings)
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
 
     def uses_mock(self) -> bool:
         return not self.upstreams or all(not u.url for u in self.upstreams)
@@ -368,6 +384,8 @@ def _validate(s: Settings) -> None:
     for field in ("connect_s", "first_byte_s", "total_s", "idle_s"):
         if getattr(d, field) <= 0:
             raise SettingsError(f"deadlines.{field} must be positive")
+    if s.metrics.refresh_s <= 0:
+        raise SettingsError("metrics.refresh_s must be positive")
     if d.per_try_first_byte_s < 0:
         raise SettingsError("deadlines.per_try_first_byte_s must be 0 (off) or positive")
 
