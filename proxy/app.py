@@ -31,6 +31,7 @@ from .kinds import classify
 from .local_answers import local_answer
 from .logs import AccessLog, AccessRecord
 from .metrics import Metrics
+from .tracing import Tracing, client_trace_id, tracing_from_env
 from .relay import (
     Deadlines,
     Exchange,
@@ -58,9 +59,11 @@ _DRAINING = ProxyError(503, "Weir is shutting down; retry on another instance", 
 
 
 class Weir:
-    def __init__(self, settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, settings: Settings, environ: Mapping[str, str] | None = None, *, tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.environ = dict(os.environ if environ is None else environ)
+        # Traces: passed in (tests), or from the OTEL_* variables; None = off.
+        self.tracing = tracing if tracing is not None else tracing_from_env(self.environ)
         self.auth = Authenticator(settings.auth, self.environ)
         self.access = AccessLog()
         self._access_on = False  # decided at start-up, once logging is configured
@@ -153,7 +156,14 @@ class Weir:
         if self._idle.is_set():
             self._idle = trio.Event()
         try:
-            await handler(scope, receive, send, headers, ex)
+            if self.tracing is None:
+                ex.trace_id = client_trace_id(headers.get(b"traceparent"))
+                await handler(scope, receive, send, headers, ex)
+            else:
+                ex.span = self.tracing.start_request(scope["method"], path, headers, ex.request_id)
+                ex.trace_id = self.tracing.trace_id(ex.span)
+                with self.tracing.current(ex.span):
+                    await handler(scope, receive, send, headers, ex)
         except _ClientGone:
             ex.status, ex.outcome = 499, "client_closed"
         except Exception:
@@ -176,6 +186,8 @@ class Weir:
         """The one place a finished request is recorded: metrics, then the access log."""
         if self.metrics is not None:
             self._measure(ex)
+        if ex.span is not None:
+            self._end_span(ex)
         if not self._access_on:
             return
         now = time.time()
@@ -197,6 +209,7 @@ class Weir:
                 bytes_out=ex.bytes_out,
                 dropped=ex.dropped or None,
                 kind=ex.kind or None,
+                trace_id=ex.trace_id or None,
             )
         )
 
@@ -221,6 +234,28 @@ class Weir:
             ttft_s=ex.first_byte - ex.started if ex.first_byte and ex.status < 400 else None,
             input_tokens=meter.input if meter is not None else 0,
             output_tokens=meter.output if meter is not None else 0,
+        )
+
+    def _end_span(self, ex: Exchange) -> None:
+        name, _, served = ex.target.partition(":")
+        lane = self.router.lane(name) if self.started and name else None
+        meter = ex.meter
+        cache = ""
+        for n, value in ex.extra_headers:
+            if n == b"x-weir-cache":
+                cache = value.decode()
+        self.tracing.finish_request(  # type: ignore[union-attr]
+            ex.span,
+            operation="chat" if ex.path in ("/v1/messages", "/v1/chat/completions") else "",
+            provider=lane.target.kind if lane is not None else "",
+            request_model=ex.model,
+            response_model=served or ex.model,
+            status=ex.status,
+            error=ex.error if ex.error and ex.status >= 400 or ex.error.startswith("upstream_") else "",
+            input_tokens=meter.input if meter is not None else 0,
+            output_tokens=meter.output if meter is not None else 0,
+            target=ex.target,
+            cache=cache,
         )
 
     # ----------------------------------------------------------- handlers
@@ -375,8 +410,16 @@ class Weir:
         cache = self.cache
         if cache is not None:
             ex.cache_plan = cache.plan(scope["path"], headers, body, ident, ex)
-            if ex.cache_plan is not None and await cache.answer(send, ex, ex.cache_plan):
-                return
+            if ex.cache_plan is not None:
+                if self.tracing is None:
+                    if await cache.answer(send, ex, ex.cache_plan):
+                        return
+                else:
+                    with self.tracing.child("weir.cache_lookup") as span:
+                        hit = await cache.answer(send, ex, ex.cache_plan)
+                        span.set_attribute("weir.cache.hit", hit)
+                    if hit:
+                        return
         req = UpstreamRequest(
             method=scope["method"],
             path=scope["path"],
@@ -510,7 +553,7 @@ class Weir:
             target = Target(u, url=u.url, keys=u.keys(self.environ), deadlines=self.settings.deadlines)
             nursery.start_soon(target.pool.reap_idle)
             self.targets.append(target)
-        self.router = Router(self.settings, self.targets, metrics=self.metrics)
+        self.router = Router(self.settings, self.targets, metrics=self.metrics, tracing=self.tracing)
         self.ratelimiter = await nursery.start(serve_ratelimiter, self.settings.ratelimit)
         # The cache stage owns its L2 connection and background work from a
         # task in this nursery (see proxy.caching.serve_cache); it closes when
@@ -554,6 +597,8 @@ class Weir:
         )
 
     async def shutdown(self) -> None:
+        if self.tracing is not None:
+            await trio.to_thread.run_sync(self.tracing.shutdown)
         for t in self.targets:
             await t.aclose()
         self.targets.clear()
@@ -612,5 +657,5 @@ async def _watch_disconnect(receive: Receive, scope: trio.CancelScope, ex: Excha
             return
 
 
-def build_app(settings: Settings, environ: Mapping[str, str] | None = None) -> Weir:
-    return Weir(settings, environ)
+def build_app(settings: Settings, environ: Mapping[str, str] | None = None, *, tracing: Tracing | None = None) -> Weir:
+    return Weir(settings, environ, tracing=tracing)

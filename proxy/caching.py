@@ -352,6 +352,11 @@ class CacheStage:
                     flight.write = True
                 tag = len(ex.extra_headers)
                 ex.extra_headers.append(_MISS if leader else _COALESCED)
+                if ex.span is not None:
+                    if leader:
+                        flight.span = ex.span
+                    elif flight.span is not None:
+                        ex.span.add_link(flight.span.get_span_context(), {"weir.link": "coalesced_leader"})
                 await resp.wait_head()
                 if flight.from_cache or not leader:
                     ex.extra_headers[tag] = _COALESCED

@@ -185,7 +185,13 @@ def _run_workers(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    codes = [c.wait() for c in children]
+    codes = []
+    for c in children:
+        codes.append(c.wait())
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from .metrics import mark_worker_dead
+
+            mark_worker_dead(c.pid)  # its live gauges leave the sum; its counters stay
     reserve.close()
     return max(codes, default=0)
 
@@ -235,10 +241,26 @@ def _serve_command(ns: argparse.Namespace) -> int:
     configure_logging(settings.server.log_level)
     if settings.uses_mock():
         log.warning("no upstream configured: Weir will answer from its built-in mock upstream (pass --upstream URL for a real one)")
+    if settings.metrics.enabled:
+        _prepare_metrics_dir(settings.server.data_path("metrics"))
     if settings.server.workers > 1:
         return _run_workers(settings)
     trio.run(serve, settings)
     return 0
+
+
+def _prepare_metrics_dir(path: str) -> None:
+    """prometheus-client's multiprocess directory, empty, named before any worker starts.
+
+    The library picks its mode once, at import, from PROMETHEUS_MULTIPROC_DIR,
+    so this runs before anything imports it; workers inherit the variable.
+    Files left by an earlier run would add its counts to this one's.
+    """
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.remove(os.path.join(path, name))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
 
 
 def _mock_command(ns: argparse.Namespace) -> int:

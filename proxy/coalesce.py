@@ -60,7 +60,7 @@ class Flight:
 
     __slots__ = (
         "key", "status", "headers", "chunks", "base", "size", "limit", "sealed", "readers", "done", "complete",
-        "error", "failure", "subscribers", "scope", "target", "from_cache", "write", "ttl", "_changed",
+        "error", "failure", "subscribers", "scope", "target", "from_cache", "write", "ttl", "_changed", "span",
     )
 
     def __init__(self, key: str, deadline: float, limit: int | None = None) -> None:

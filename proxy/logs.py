@@ -103,6 +103,7 @@ class AccessRecord(msgspec.Struct):
     upstream_ms: float
     bytes_out: int
     kind: str | None = None  # proxy/kinds.py; null off /v1/messages
+    trace_id: str | None = None
     level: str = "info"
     logger: str = "weir.access"
     msg: str = "request"

@@ -5,8 +5,8 @@ sum counters over ``--workers N`` processes without a push gateway: each
 worker writes its values into an mmap'ed file under
 ``PROMETHEUS_MULTIPROC_DIR`` and a scrape, on any worker, merges every file.
 The library decides the mode once, when it is imported, from that variable —
-so ``weir serve`` sets it (and wipes the directory) before any worker starts,
-and this module only asks the library which mode it is in.
+so ``weir serve`` sets it (and wipes the directory) before any worker starts
+(proxy/cli.py), and this module only asks the library which mode it is in.
 
 The hot path pays for a dict lookup per label set: every label child is
 cached here by its label values (a child update costs ~0.7 µs in
@@ -31,7 +31,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["Metrics", "CONTENT_TYPE", "mark_worker_dead", "prepare_multiprocess_dir"]
+__all__ = ["Metrics", "CONTENT_TYPE", "mark_worker_dead"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -59,20 +59,6 @@ def multiprocess_dir() -> str | None:
     if getattr(values.ValueClass, "_multiprocess", False):
         return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     return None
-
-
-def prepare_multiprocess_dir(path: str) -> None:
-    """Create ``path`` empty and point prometheus-client at it.
-
-    Called by the process that starts the workers, before any of them (and
-    before prometheus-client is imported here): files left by an earlier run
-    would add its counts to this one's.
-    """
-    os.makedirs(path, exist_ok=True)
-    for name in os.listdir(path):
-        if name.endswith(".db"):
-            os.remove(os.path.join(path, name))
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
 
 
 def mark_worker_dead(pid: int) -> None:

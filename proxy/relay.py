@@ -65,6 +65,11 @@ class Exchange:
     target: str = ""
     upstream_s: float = 0.0  # time spent waiting on the upstream for the head
     first_byte: float = 0.0  # perf_counter when the first body byte was sent (time to first token)
+    # The request's OpenTelemetry span (None: tracing off) and the trace id
+    # the access log and the ledger record: Weir's own trace when tracing is
+    # on, else the client's traceparent's, else "".
+    span: Any = None
+    trace_id: str = ""
     head_sent: bool = False
     complete: bool = False  # the final body message is (being) sent
     is_sse: bool = False

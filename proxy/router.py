@@ -47,6 +47,7 @@ from .breaker import CircuitBreaker
 from .errors import ProxyError
 from .keypool import KeyPool, Lease
 from .metrics import Metrics
+from .tracing import Tracing
 from .relay import Deadlines, Exchange, is_anthropic_error, upstream_failure
 from .retry import Decision, GiveUp, Outcome, RetryPolicy, retry_after_from_headers
 from .scheduler import FifoSemaphoreScheduler, Overloaded, PaceBudget, Scheduler
@@ -127,9 +128,10 @@ class _Failures:
 
 
 class Router:
-    def __init__(self, settings: Settings, targets: list[Target], *, random: Callable[[], float] = _random.random, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, targets: list[Target], *, random: Callable[[], float] = _random.random, metrics: Metrics | None = None, tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.tracing = tracing
         self.targets = targets
         breaker_config = settings.breaker
         self.retry = RetryPolicy(settings.retry, random=random)
@@ -272,9 +274,12 @@ class Router:
                 async with AsyncExitStack() as stack:
                     queued = time.perf_counter()
                     try:
-                        ticket = await stack.enter_async_context(
-                            lane.scheduler.slot(tenant=ident.tenant, priority=priority, deadline=head_deadline, tokens=estimate_input_tokens(leg.request.body))
-                        )
+                        slot = lane.scheduler.slot(tenant=ident.tenant, priority=priority, deadline=head_deadline, tokens=estimate_input_tokens(leg.request.body))
+                        if self.tracing is None:
+                            ticket = await stack.enter_async_context(slot)
+                        else:
+                            with self.tracing.child("weir.queue_wait", {"weir.target": lane.name, "weir.priority": priority}):
+                                ticket = await stack.enter_async_context(slot)
                     except Overloaded as exc:
                         if self.metrics is not None:
                             self.metrics.shed_one(lane.name, exc.reason)
@@ -283,6 +288,16 @@ class Router:
                     if self.metrics is not None:
                         self.metrics.waited(lane.name, priority, time.perf_counter() - queued)
                     ex.target = label
+                    request = leg.request
+                    span = None
+                    if self.tracing is not None:
+                        # Ended with the attempt: when the head came back, or failed to.
+                        span = self.tracing.tracer.start_span(
+                            f"chat {model or req.model}",
+                            kind=self.tracing._client,
+                            attributes={"gen_ai.operation.name": "chat", "gen_ai.provider.name": lane.target.kind, "gen_ai.request.model": model or req.model, "weir.target": lane.name, "weir.attempt": attempt},
+                        )
+                        request = self.tracing.outgoing(request, span)
                     error: UpstreamError | None = None
                     resp: UpstreamResponse | None = None
                     # The caller's cancel scope carries the first-byte deadline;
@@ -292,13 +307,13 @@ class Router:
                     try:
                         if per_try > 0 and not last:
                             with trio.move_on_at(min(head_deadline, trio.current_time() + per_try)) as try_scope:
-                                raw = await stack.enter_async_context(lane.target.open(leg.request, credentials=credentials))
+                                raw = await stack.enter_async_context(lane.target.open(request, credentials=credentials))
                                 resp = await wrap(leg, raw)
                             if try_scope.cancelled_caught:
                                 try_expired = True
                                 error = UpstreamError("timeout", f"no response head within the per-try budget of {per_try:g} s")
                         else:
-                            raw = await stack.enter_async_context(lane.target.open(leg.request, credentials=credentials))
+                            raw = await stack.enter_async_context(lane.target.open(request, credentials=credentials))
                             resp = await wrap(leg, raw)
                     except UpstreamError as exc:
                         error = exc
@@ -310,10 +325,14 @@ class Router:
                             permit = None
                             if self.metrics is not None:
                                 self.metrics.attempt(lane.name, "timeout")
+                        if span is not None:
+                            _end_attempt(span, UpstreamError("timeout", "cancelled"), None)
                         raise
                     now = trio.current_time()
                     if self.metrics is not None:
                         self.metrics.attempt(lane.name, _attempt_outcome(error, resp))
+                    if span is not None:
+                        _end_attempt(span, error, resp)
                     if error is not None or resp is None:
                         assert error is not None
                         lane.breaker.record(permit, False, now)
@@ -428,6 +447,17 @@ def _attempt_outcome(error: UpstreamError | None, resp: UpstreamResponse | None)
     if status in (429, 529):
         return str(status)
     return "4xx" if status < 500 else "5xx"
+
+
+def _end_attempt(span: Any, error: UpstreamError | None, resp: UpstreamResponse | None) -> None:
+    if resp is not None:
+        span.set_attribute("http.response.status_code", resp.status)
+    if error is not None or (resp is not None and resp.status >= 500):
+        span.set_attribute("error.type", error.kind if error is not None else str(resp.status))  # type: ignore[union-attr]
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_status(Status(StatusCode.ERROR))
+    span.end()
 
 
 def _header_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
