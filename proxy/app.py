@@ -83,8 +83,9 @@ class Weir:
         self.metrics: Metrics | None = None
         self._refreshes = 0
         if settings.metrics.enabled:
-            targets = [u.name for u in settings.upstreams] + (["mock"] if settings.uses_mock() else [])
-            self.metrics = Metrics(tenants=[ck.tenant for ck in settings.auth.client_keys], targets=targets, max_models=settings.metrics.max_models)
+            self.metrics = Metrics(
+                tenants=[ck.tenant for ck in settings.auth.client_keys], targets=[u.name for u in settings.upstreams], max_models=settings.metrics.max_models
+            )
         # path → method → handler. A dict lookup is the whole router.
         self.routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
             "/v1/messages": {"POST": self.messages},

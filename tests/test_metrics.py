@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.metrics import OTHER, PASSTHROUGH, Metrics
 from tests.harness import body, weir_and_mock
+from tests.test_settings_cli import ROOT, _free_port, _wait_ready
 
 ADMIN = "admin-secret"
 
@@ -167,3 +175,47 @@ async def test_ratelimit_rejections_are_counted(limit: int) -> None:
             assert codes == [200, 429, 429]
             r = await client.get("/metrics", headers={"x-api-key": ADMIN})
     assert value(r.text, "weir_ratelimit_rejections_total", tenant="team-a", kind="requests") == 2
+
+
+def test_two_workers_are_summed_and_their_files_managed(tmp_path: Path) -> None:
+    """``weir serve --workers 2``: one scrape, on either worker, counts both;
+    the directory starts empty; an exited worker's live gauges are dropped."""
+    port = _free_port()
+    metrics_dir = tmp_path / "data" / "metrics"
+    metrics_dir.mkdir(parents=True)
+    (metrics_dir / "counter_999999.db").write_bytes(b"left by an earlier run")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WEIR_SERVER__ACCESS_LOG": "false", "WEIR_CACHE__L2": "none", "WEIR_METRICS__PUBLIC": "true"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port), "--workers", "2", "--data-dir", str(tmp_path / "data")],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc)
+        assert not (metrics_dir / "counter_999999.db").exists()
+        workers: set[str] = set()
+        sent = 0
+        deadline = time.monotonic() + 15
+        while (len(workers) < 2 or sent < 10) and time.monotonic() < deadline:
+            with httpx.Client(base_url=url) as client:  # a new connection: the kernel picks a worker
+                r = client.post("/v1/messages", content=body(), headers={"x-api-key": "k"}, timeout=10)
+            assert r.status_code == 200
+            workers.add(r.headers["x-request-id"][: len("req_weir_") + 12])
+            sent += 1
+        assert len(workers) == 2
+        for _ in range(4):  # whichever worker answers the scrape
+            with httpx.Client(base_url=url) as client:
+                text = client.get("/metrics", timeout=10).text
+            assert value(text, "weir_requests_total", code="200") == sent
+            assert value(text, "weir_upstream_attempts_total", outcome="ok") == sent
+            assert value(text, "weir_worker_restarts_total") == 0
+        assert list(metrics_dir.glob("gauge_livesum_*.db"))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert not list(metrics_dir.glob("gauge_livesum_*.db")), "exited workers' live gauges were dropped"
+        assert list(metrics_dir.glob("counter_*.db")), "their counters stay"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
