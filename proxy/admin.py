@@ -79,7 +79,7 @@ def build_admin(weir: Weir) -> QuartTrio:
                 return _json_error(404, "not_found_error", "/metrics needs the admin key (set auth.admin_key) or metrics.public = true")
             if not weir.auth.is_admin({k.lower().encode(): v.encode() for k, v in request.headers.items()}):
                 return _json_error(401, "authentication_error", "admin key required")
-        await weir.refresh_gauges()
+        await weir.refresh_gauges()  # flushes this worker's pending counts too
         from .metrics import CONTENT_TYPE
 
         body = await trio.to_thread.run_sync(weir.metrics.render)
@@ -157,6 +157,10 @@ def build_admin(weir: Weir) -> QuartTrio:
         except L2Unavailable as exc:
             return _json_error(503, "api_error", f"the shared cache (L2) could not be purged: {exc}")
         return {"purged": purged, "tenant": tenant}
+
+    from .dashboard import register_dashboard
+
+    register_dashboard(app, weir)
 
     @app.after_request
     async def tag(response: Response) -> Response:

@@ -590,6 +590,7 @@ class Weir:
             sizes.append(("l1", int(stats.get("l1", {}).get("bytes", 0))))
             if "bytes" in stats.get("l2", {}):
                 sizes.append(("l2", int(stats["l2"]["bytes"])))
+        metrics.flush()
         metrics.set_gauges(
             inflight=self.in_flight,
             breakers=[(lane.name, str(lane.breaker.snapshot(now)["state"])) for lane in lanes],
@@ -598,6 +599,8 @@ class Weir:
         )
 
     async def shutdown(self) -> None:
+        if self.metrics is not None:
+            self.metrics.flush()  # this worker's last counts, before its files are left behind
         if self.tracing is not None:
             await trio.to_thread.run_sync(self.tracing.shutdown)
         for t in self.targets:

@@ -84,5 +84,10 @@ class Authenticator:
         return key is not None and hmac.compare_digest(key, self._admin)
 
     @property
+    def admin_secret(self) -> bytes:
+        """The admin key itself, for signing the dashboard's session cookie; b"" when unset."""
+        return self._admin
+
+    @property
     def admin_enabled(self) -> bool:
         return bool(self._admin)

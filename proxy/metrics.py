@@ -8,9 +8,11 @@ The library decides the mode once, when it is imported, from that variable —
 so ``weir serve`` sets it (and wipes the directory) before any worker starts
 (proxy/cli.py), and this module only asks the library which mode it is in.
 
-The hot path pays for a dict lookup per label set: every label child is
-cached here by its label values (a child update costs ~0.7 µs in
-multiprocess mode, a ``labels()`` lookup ~3.5 µs). Label values are bounded
+The hot path pays for a dict lookup per label set and a few additions: it
+adds to plain numbers kept per label set, and ``flush`` hands them to the
+library on the refresh beat and before a scrape (a library child update
+costs ~0.7 µs in multiprocess mode, a ``labels()`` lookup ~3.5 µs; a
+request touches five to ten of them). Label values are bounded
 so a hostile client cannot grow the series without limit: tenants are the
 configured ones (a passthrough key counts as ``passthrough``), targets the
 configured ones, routes Weir's own, and models are admitted only once an
@@ -25,7 +27,8 @@ collectors, so each gauge says how workers combine (``multiprocess_mode``).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
@@ -75,8 +78,42 @@ def worker_restarts(registry: CollectorRegistry | None = None) -> Counter:
     return Counter("weir_worker_restarts", "Worker processes restarted after an unexpected exit.", registry=registry)
 
 
+class _Counter:
+    """A counter child's increments since the last flush."""
+
+    __slots__ = ("labels", "n")
+
+    def __init__(self, labels: Any) -> None:
+        self.labels = labels  # () -> the prometheus child, looked up once, at the first flush
+        self.n = 0.0
+
+
+class _Histogram:
+    """A histogram child's observations since the last flush, bucketed here."""
+
+    __slots__ = ("labels", "bounds", "counts", "sum")
+
+    def __init__(self, labels: Any, bounds: tuple[float, ...]) -> None:
+        self.labels = labels
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect_left(self.bounds, v)] += 1
+        self.sum += v
+
+
 class Metrics:
-    """One app's metrics. ``request`` is called once per finished request."""
+    """One app's metrics. ``request`` is called once per finished request.
+
+    The hot path only adds to plain Python numbers (``_Counter``,
+    ``_Histogram``); ``flush`` moves them into prometheus-client's values
+    — an mmap write each in multiprocess mode, ~5x the cost of the addition,
+    and a histogram observation is two of them — on the gauge refresh beat
+    and before every scrape, so a scrape sees this worker's latest and the
+    others' as of their last beat (``metrics.refresh_s``).
+    """
 
     def __init__(self, *, tenants: Iterable[str], targets: Iterable[str], max_models: int = 200) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -106,19 +143,31 @@ class Metrics:
         self.cache_bytes = Gauge("weir_cache_bytes", "Bytes held by the cache, per level.", ["level"], registry=r, multiprocess_mode="livemax")
         self.ledger_queue = Gauge("weir_ledger_queue_depth", "Ledger rows waiting to be written.", registry=r, multiprocess_mode="livesum")
         self.ledger_spooled = Gauge("weir_ledger_spooled_rows", "Ledger rows spooled to disk while the database was unreachable.", registry=r, multiprocess_mode="livesum")
-        # Label children, cached by label values: (route, tenant, model, target, code, cache, kind) etc.
-        self._req: dict[tuple[str, ...], Any] = {}
-        self._tok: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
-        self._cost: dict[tuple[str, str], Any] = {}
-        self._dur: dict[tuple[str, str, bool], Any] = {}
-        self._ttft: dict[tuple[str, str], Any] = {}
-        self._att: dict[tuple[str, str], Any] = {}
-        self._shed: dict[tuple[str, str], Any] = {}
-        self._rl: dict[tuple[str, str], Any] = {}
-        self._qw: dict[tuple[str, str], Any] = {}
-        self._overhead = self.overhead  # no labels: the metric is its own child
+        # Pending children, by their (raw) label values; all of them are flushed.
+        self._counters: list[_Counter] = []
+        self._histograms: list[_Histogram] = []
+        self._req: dict[tuple[Any, ...], _Counter] = {}
+        self._tok: dict[tuple[str, str, str], tuple[_Counter, _Counter, _Counter, _Counter]] = {}
+        self._cost: dict[tuple[str, str], _Counter] = {}
+        self._dur: dict[tuple[str, str, bool], _Histogram] = {}
+        self._ttft: dict[tuple[str, str], _Histogram] = {}
+        self._att: dict[tuple[str, str], _Counter] = {}
+        self._shed: dict[tuple[str, str], _Counter] = {}
+        self._rl: dict[tuple[str, str], _Counter] = {}
+        self._qw: dict[tuple[str, str], _Histogram] = {}
+        self._overhead = self._histogram(lambda: self.overhead, OVERHEAD_BUCKETS)
         self._codes = {c: str(c) for c in range(100, 600)}
         self._routes = {r: r for r in _ROUTES}
+
+    def _counter(self, labels: Any) -> _Counter:
+        c = _Counter(labels)
+        self._counters.append(c)
+        return c
+
+    def _histogram(self, labels: Any, bounds: tuple[float, ...]) -> _Histogram:
+        h = _Histogram(labels, bounds)
+        self._histograms.append(h)
+        return h
 
     # ----------------------------------------------------------- bounding
 
@@ -169,76 +218,100 @@ class Metrics:
         cache_creation_tokens: int = 0,
         cost_usd: float = 0.0,
     ) -> None:
-        """One finished request: its counters and histograms, from cached children."""
+        """One finished request: a few additions to cached pending children."""
         route = self._routes.get(route) or self.route(route)
         t = self._tenants.get(tenant, PASSTHROUGH)
-        m = self.model(model, accepted=code < 400)
-        tg = self.target(target)
+        m = self._models.get(model) or self.model(model, accepted=code < 400)
+        tg = self._targets.get(target) or self.target(target)
         key = (route, t, m, tg, code, cache, kind)
-        child = self._req.get(key)
-        if child is None:
-            child = self._req[key] = self.requests.labels(route, t, m, tg, self._codes.get(code, OTHER), cache or "none", kind)
-        child.inc()
+        c = self._req.get(key)
+        if c is None:
+            labels = (route, t, m, tg, self._codes.get(code, OTHER), cache or "none", kind or "none")
+            c = self._req[key] = self._counter(lambda: self.requests.labels(*labels))
+        c.n += 1
         dkey = (route, tg, stream)
-        hist = self._dur.get(dkey)
-        if hist is None:
-            hist = self._dur[dkey] = self.duration.labels(route, tg, "true" if stream else "false")
-        hist.observe(duration_s)
+        h = self._dur.get(dkey)
+        if h is None:
+            h = self._dur[dkey] = self._histogram(lambda: self.duration.labels(route, tg, "true" if stream else "false"), DURATION_BUCKETS)
+        h.observe(duration_s)
         self._overhead.observe(overhead_s if overhead_s > 0 else 0.0)
         if ttft_s is not None:
             tkey = (tg, m)
             h = self._ttft.get(tkey)
             if h is None:
-                h = self._ttft[tkey] = self.ttft.labels(tg, m)
+                h = self._ttft[tkey] = self._histogram(lambda: self.ttft.labels(tg, m), TTFT_BUCKETS)
             h.observe(ttft_s)
         if input_tokens or output_tokens or cache_read_tokens or cache_creation_tokens:
             kkey = (t, m, tg)
-            children = self._tok.get(kkey)
-            if children is None:
-                children = self._tok[kkey] = tuple(self.tokens.labels(t, m, tg, ty) for ty in TOKEN_TYPES)  # type: ignore[assignment]
-            if input_tokens:
-                children[0].inc(input_tokens)
-            if output_tokens:
-                children[1].inc(output_tokens)
-            if cache_read_tokens:
-                children[2].inc(cache_read_tokens)
-            if cache_creation_tokens:
-                children[3].inc(cache_creation_tokens)
+            tok = self._tok.get(kkey)
+            if tok is None:
+                tok = self._tok[kkey] = tuple(self._counter(_child(self.tokens, t, m, tg, ty)) for ty in TOKEN_TYPES)  # type: ignore[assignment]
+            tok[0].n += input_tokens
+            tok[1].n += output_tokens
+            tok[2].n += cache_read_tokens
+            tok[3].n += cache_creation_tokens
         if cost_usd:
             ckey = (t, m)
             c = self._cost.get(ckey)
             if c is None:
-                c = self._cost[ckey] = self.cost.labels(t, m)
-            c.inc(cost_usd)
+                c = self._cost[ckey] = self._counter(lambda: self.cost.labels(t, m))
+            c.n += cost_usd
 
     def attempt(self, target: str, outcome: str) -> None:
         """One upstream attempt: ``ok``, an HTTP status class, ``connect``, ``timeout``, ``reset``."""
         key = (target, outcome)
         c = self._att.get(key)
         if c is None:
-            c = self._att[key] = self.attempts.labels(self.target(target), outcome)
-        c.inc()
+            c = self._att[key] = self._counter(_child(self.attempts, self.target(target), outcome))
+        c.n += 1
 
     def shed_one(self, target: str, reason: str) -> None:
         key = (target, reason)
         c = self._shed.get(key)
         if c is None:
-            c = self._shed[key] = self.shed.labels(self.target(target), reason)
-        c.inc()
+            c = self._shed[key] = self._counter(_child(self.shed, self.target(target), reason))
+        c.n += 1
 
     def ratelimit_rejection(self, tenant: str, kind: str) -> None:
         key = (tenant, kind)
         c = self._rl.get(key)
         if c is None:
-            c = self._rl[key] = self.ratelimited.labels(self.tenant(tenant), kind)
-        c.inc()
+            c = self._rl[key] = self._counter(_child(self.ratelimited, self.tenant(tenant), kind))
+        c.n += 1
 
     def waited(self, target: str, priority: str, seconds: float) -> None:
         key = (target, priority)
         h = self._qw.get(key)
         if h is None:
-            h = self._qw[key] = self.queue_wait.labels(self.target(target), priority)
+            h = self._qw[key] = self._histogram(_child(self.queue_wait, self.target(target), priority), QUEUE_BUCKETS)
         h.observe(seconds)
+
+    def flush(self) -> None:
+        """Move what the hot path added into prometheus-client's values (its files, in multiprocess mode).
+
+        Only on the event loop's thread, where the hot path runs: the two
+        never interleave.
+        """
+        for c in self._counters:
+            if c.n:
+                n, c.n = c.n, 0.0
+                if not callable(c.labels):
+                    c.labels.inc(n)
+                else:
+                    c.labels = c.labels()
+                    c.labels.inc(n)
+        for h in self._histograms:
+            if h.sum or any(h.counts):
+                counts, h.counts = h.counts, [0] * len(h.counts)
+                total, h.sum = h.sum, 0.0
+                if callable(h.labels):
+                    h.labels = h.labels()
+                # The child's own values, as Histogram.observe updates them: one per bucket and the sum.
+                buckets = h.labels._buckets
+                for i, n in enumerate(counts):
+                    if n:
+                        buckets[i].inc(n)
+                h.labels._sum.inc(total)
 
     # --------------------------------------------------------------- gauges
 
@@ -267,10 +340,22 @@ class Metrics:
 
     # -------------------------------------------------------------- scrape
 
+    def collect(self) -> list[Any]:
+        """The metric families, every worker's merged.
+
+        Blocking (it reads every worker's file): call ``flush`` on the event
+        loop's thread first, then this from a thread.
+        """
+        if self.multiprocess_dir is None:
+            return list(self.registry.collect())
+        from prometheus_client import multiprocess
+
+        return list(multiprocess.MultiProcessCollector(None, path=self.multiprocess_dir).collect())
+
     def render(self) -> bytes:
         """The text exposition: every worker's files merged, or this process's registry.
 
-        Blocking (it reads every worker's file): call it from a thread.
+        Blocking, like ``collect``: ``flush`` first, on the event loop's thread.
         """
         if self.multiprocess_dir is None:
             return generate_latest(self.registry)
@@ -279,3 +364,7 @@ class Metrics:
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged, path=self.multiprocess_dir)
         return generate_latest(merged)
+
+
+def _child(metric: Any, *labels: str) -> Callable[[], Any]:
+    return lambda: metric.labels(*labels)
