@@ -209,6 +209,14 @@ def test_two_workers_are_summed_and_their_files_managed(tmp_path: Path) -> None:
             workers.add(r.headers["x-request-id"][: len("req_weir_") + 12])
             sent += 1
         assert len(workers) == 2
+        # Each worker hands its counts to the shared files on its refresh beat
+        # (metrics.refresh_s, 1 s) and before answering a scrape.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with httpx.Client(base_url=url) as client:
+                if value(client.get("/metrics", timeout=10).text, "weir_requests_total") == sent:
+                    break
+            time.sleep(0.2)
         for _ in range(4):  # whichever worker answers the scrape
             with httpx.Client(base_url=url) as client:
                 text = client.get("/metrics", timeout=10).text
