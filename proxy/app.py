@@ -228,7 +228,7 @@ class Weir:
             target=ex.target,
             code=ex.status,
             cache=cache,
-            kind="",
+            kind=ex.kind,
             stream=ex.stream,
             duration_s=end - ex.started,
             overhead_s=end - ex.started - ex.upstream_s,

@@ -197,7 +197,7 @@ def test_two_workers_are_summed_and_their_files_managed(tmp_path: Path) -> None:
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, proc)
+        _wait_ready(url, proc, limit=60)  # two processes' start-up, on a busy CI machine
         assert not (metrics_dir / "counter_999999.db").exists()
         workers: set[str] = set()
         sent = 0
