@@ -8,6 +8,8 @@ import math
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.scheduler import FairQueue, Overloaded, PaceBudget, Scheduler, Ticket
 
@@ -49,6 +51,28 @@ def test_any_window_holds_at_most_the_quota(rpm: float, burst: int) -> None:
     sent = drain(PaceBudget(requests_per_minute=rpm, burst=burst), 300)
     assert most_in_any_window(sent, 60 + 1e-6) <= rpm
     assert sent[burst - 1] == 0.0 and sent[burst] > 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rpm=st.integers(min_value=2, max_value=600),
+    burst=st.integers(min_value=1, max_value=10),
+    gaps=st.lists(st.floats(min_value=0, max_value=30, allow_nan=False), min_size=1, max_size=150),
+)
+def test_whatever_the_arrivals_no_window_exceeds_the_quota(rpm: int, burst: int, gaps: list[float]) -> None:
+    """Requests arriving at any times, each sent as soon as the budget allows: never more than
+    ``rpm`` in a 60-second window (GCRA's bound, whatever the arrival pattern)."""
+    if burst >= rpm:
+        burst = rpm - 1
+    budget = PaceBudget(requests_per_minute=rpm, burst=burst)
+    arrival, last, sent = 0.0, 0.0, []
+    for gap in gaps:
+        arrival += gap
+        at = max(arrival, last, budget.ready_at())  # FIFO: never before the one ahead
+        budget.charge(at, 0)
+        sent.append(at)
+        last = at
+    assert most_in_any_window(sent, 60 + 1e-6) <= rpm
 
 
 def test_token_quota_spaces_requests_by_their_size() -> None:
