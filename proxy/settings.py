@@ -361,6 +361,9 @@ def _validate(s: Settings) -> None:
             raise SettingsError(f"upstreams[{u.name}].burst must be at least 1")
         if u.requests_per_minute and u.burst >= u.requests_per_minute:
             raise SettingsError(f"upstreams[{u.name}].burst must be below requests_per_minute")
+        if (u.requests_per_minute or u.tokens_per_minute) and s.scheduler.policy != "fair":
+            # The FIFO comparison scheduler has no budget: pacing would silently not happen.
+            raise SettingsError(f"upstreams[{u.name}]: requests_per_minute/tokens_per_minute need scheduler.policy = \"fair\"")
     known = set(names) | ({"mock"} if s.uses_mock() else set())
     for r in s.routes:
         if not r.targets:

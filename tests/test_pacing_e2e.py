@@ -4,8 +4,11 @@ that enforces a provider's quota (the ``rate_limit`` fault), under MockClock."""
 from __future__ import annotations
 
 import httpx
+import pytest
 import trio
 import trio.testing
+
+from proxy.settings import SettingsError
 
 from .harness import make_settings, running_mock, running_weir
 from .test_pacing import most_in_any_window
@@ -68,3 +71,15 @@ async def test_a_provider_smaller_than_configured_is_found_by_its_429s(autojump_
     assert budget is not None and budget["rate_limited"] == mock.core.rate_limited
     assert statuses.count(429) == mock.core.rate_limited and statuses.count(200) == 60 - mock.core.rate_limited
     assert 0 < mock.core.rate_limited <= 4
+
+
+def test_budget_settings_are_checked_at_start_up() -> None:
+    for upstream, message in [
+        ({"requests_per_minute": 2, "burst": 2}, "burst must be below requests_per_minute"),
+        ({"requests_per_minute": 40, "burst": 0}, "burst must be at least 1"),
+        ({"requests_per_minute": -1}, "must be 0 \\(none\\) or positive"),
+    ]:
+        with pytest.raises(SettingsError, match=message):
+            make_settings(None, upstreams=[{"name": "nim", "url": "http://127.0.0.1:1", **upstream}])
+    with pytest.raises(SettingsError, match="need scheduler.policy"):
+        make_settings(None, upstreams=[{"name": "nim", "url": "http://127.0.0.1:1", "requests_per_minute": 40}], scheduler={"policy": "fifo"})
