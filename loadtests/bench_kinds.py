@@ -37,6 +37,10 @@ def main() -> None:
     decode_us = _time(lambda: decode_messages(body), 1000)
     print(f"envelope decode, {len(body)} B Claude Code body: {decode_us:8.2f} us")
     print(f"classify, same body ({classify(env)}): {_time(lambda: classify(env), 20000):8.2f} us")
+    # A turn whose last message is a whole file read: the classifier looks at its two ends only.
+    huge = {"model": "m", "max_tokens": 100, "messages": [{"role": "user", "content": "read it"}, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "x " * 250_000}]}
+    big = decode_messages(json.dumps(huge).encode())
+    print(f"classify, 500 KB last message ({classify(big)}): {_time(lambda: classify(big), 2000):8.2f} us")
     for name, doc in _SIDE_CALLS.items():
         side = decode_messages(json.dumps(doc).encode())
         print(f"classify, {name:12s} ({classify(side)}): {_time(lambda: classify(side), 20000):8.2f} us")

@@ -14,8 +14,9 @@ The rules, checked in this order (the first that holds wins):
     text contains ``quota`` (any case). Claude Code sends it at start-up to
     check the key works.
 ``suggestion``
-    The last message contains ``[SUGGESTION MODE:`` — the prompt suggestion
-    Claude Code asks for after a turn, appended to the whole conversation.
+    The last message contains ``[SUGGESTION MODE:`` in its first or last
+    4 KiB — the prompt suggestion Claude Code asks for after a turn, a short
+    user message appended to the whole conversation.
 
 The remaining side calls are one user turn with no tools (``tools`` absent,
 ``null`` or ``[]``):
@@ -38,7 +39,9 @@ Why it is cheap: the envelope (proxy/ingress/anthropic.py) has already split the
 into fields, with ``messages``, ``system`` and ``tools`` left as undecoded
 ``msgspec.Raw`` slices. A main call mid-session fails the first cheap test
 (``max_tokens`` ≠ 1, more than one turn), so the only text searched is the
-last message for the suggestion marker. Markers are matched as raw bytes of
+two ends of the last message for the suggestion marker: a constant cost,
+however large a tool result that message carries (a whole 500 KB file read
+would otherwise be copied and scanned on every turn). Markers are matched as raw bytes of
 the JSON text: none of them contains a character JSON escapes (``<`` and
 ``>`` pass unescaped through JavaScript's ``JSON.stringify``, which is how
 Claude Code writes its bodies).
@@ -76,6 +79,9 @@ _OUTPUT = b"Output:"
 _FILE_PATHS = b"file paths"
 _TITLE_MARKERS = (b"new conversation topic", b"sentence-case title")
 _NO_TOOLS = (b"", b"null", b"[]")
+# The suggestion prompt is ~1.5 KB; 4 KiB at each end of the last message
+# finds it whether it is that message's first block or its last.
+_PEEK = 4096
 _USER = b'"user"'
 _SYSTEM = b'"system"'
 # A side call's conversation is one user turn; with Claude Code 2.1's system
@@ -121,6 +127,17 @@ def _one_user_turn(messages: list[msgspec.Raw]) -> bytes | None:
     return turn
 
 
+def _ends(raw: msgspec.Raw) -> bytes:
+    """The first and last ``_PEEK`` bytes of ``raw``, copied without the middle.
+
+    Joined by a NUL, which raw JSON text never contains, so no match can span the cut.
+    """
+    view = memoryview(raw)
+    if len(view) <= 2 * _PEEK:
+        return bytes(view)
+    return b"%b\0%b" % (view[:_PEEK], view[-_PEEK:])
+
+
 def classify(env: Envelope) -> str:
     """The kind of a decoded ``/v1/messages`` request (one of :data:`KINDS`)."""
     messages = env.messages
@@ -128,7 +145,7 @@ def classify(env: Envelope) -> str:
         turn = _one_user_turn(messages)
         if turn is not None and b"quota" in turn.lower():
             return QUOTA_PROBE
-    if _SUGGESTION in bytes(messages[-1]):
+    if _SUGGESTION in _ends(messages[-1]):
         return SUGGESTION
     if len(messages) > _MAX_SIDE_ENTRIES or bytes(env.tools) not in _NO_TOOLS:
         return MAIN

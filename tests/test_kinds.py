@@ -38,6 +38,22 @@ def test_a_long_conversation_ending_in_a_suggestion_prompt() -> None:
     assert kind_of(side_calls.suggestion(history)) == "suggestion"
 
 
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_suggestion_prompt_beside_a_huge_block_is_found_at_either_end(where: str) -> None:
+    doc = side_calls.suggestion()
+    prompt = doc["messages"][-1]["content"]
+    huge = [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "x" * 500_000}]
+    doc["messages"][-1]["content"] = prompt + huge if where == "first" else huge + prompt
+    assert kind_of(doc) == "suggestion"
+
+
+def test_suggestion_marker_buried_mid_message_is_not_looked_for() -> None:
+    doc = side_calls.suggestion()
+    pad = {"type": "text", "text": "y" * 10_000}
+    doc["messages"][-1]["content"] = [pad, *doc["messages"][-1]["content"], pad]
+    assert kind_of(doc) == "main"
+
+
 def test_suggestion_marker_earlier_in_the_history_is_not_a_suggestion() -> None:
     doc = side_calls.suggestion()
     doc["messages"].append({"role": "assistant", "content": "run the tests"})
