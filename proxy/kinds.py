@@ -109,22 +109,21 @@ _role = msgspec.json.Decoder(_Role).decode
 
 
 def _one_user_turn(messages: list[msgspec.Raw]) -> bytes | None:
-    """The only non-system entry of ``messages`` if it is a user turn, else None."""
+    """The only non-system entry of ``messages`` if it is a user turn, else None.
+
+    Roles are read through views of the raw slices; only the turn found is copied.
+    """
     if len(messages) > _MAX_SIDE_ENTRIES:
         return None
-    if len(messages) == 1:
-        raw = bytes(messages[0])
-        return raw if bytes(_role(raw).role) == _USER else None
-    turn: bytes | None = None
+    turn: msgspec.Raw | None = None
     for item in messages:
-        raw = bytes(item)
-        role = bytes(_role(raw).role)
+        role = bytes(_role(memoryview(item)).role)
         if role == _SYSTEM:
             continue
         if role != _USER or turn is not None:
             return None
-        turn = raw
-    return turn
+        turn = item
+    return None if turn is None else bytes(turn)
 
 
 def _ends(raw: msgspec.Raw) -> bytes:
