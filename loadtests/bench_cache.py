@@ -100,7 +100,7 @@ async def main_async(duration: float, connections: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=5.0)  # 5 s holds thousands of hits at the measured rates
-    p.add_argument("--connections", type=int, default=64)  # ARCHITECTURE.md's reference load
+    p.add_argument("--connections", type=int, default=64)  # docs/ARCHITECTURE.md's reference load
     add_save_flag(p, "cache-latest")
     ns = p.parse_args(argv)
     out = trio.run(main_async, ns.duration, ns.connections)

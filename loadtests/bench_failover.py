@@ -9,7 +9,7 @@ Hypercorn, real sockets, the mock upstream, wall clock):
 * breaker open — later requests, which skip the primary without connecting.
 
 Run: ``.venv/bin/python -m loadtests.bench_failover [--requests N]``.
-No locust import (ARCHITECTURE.md: it monkey-patches trio away).
+No locust import (docs/ARCHITECTURE.md: it monkey-patches trio away).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ receiving it is part of the server's cost), then sends a constant reply of
 the size and shape of a short Messages reply in one ``send``. Weir's
 throughput as a fraction of this app's, on the same body, is the number the
 benchmark tracks. It is a raw ASGI callable, not Quart: Quart costs ~30% on
-its own (ARCHITECTURE.md) and is not on Weir's hot path either.
+its own (docs/ARCHITECTURE.md) and is not on Weir's hot path either.
 """
 
 from __future__ import annotations

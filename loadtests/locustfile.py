@@ -1,7 +1,7 @@
 """Locust scenarios against a running Weir, with Claude-Code-sized requests.
 
 ``import locust`` monkey-patches the process with gevent, which breaks trio
-(ARCHITECTURE.md), so this file lives in its own venv and is never imported
+(docs/ARCHITECTURE.md), so this file lives in its own venv and is never imported
 by the tests. wrk (``loadtests/bench``) gives the headline throughput figures;
 locust is for mixed, user-shaped traffic and watching a run live in its UI.
 

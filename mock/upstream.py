@@ -3,7 +3,7 @@
 It is the fixture of every end-to-end test, the demo upstream and the far end
 of the benchmark, so it must never be the bottleneck. That is why it is built
 on trio sockets and ``h11`` rather than Quart/Hypercorn (whose per-request
-machinery measured ~30x slower than a bare trio socket server, ARCHITECTURE.md):
+machinery measured ~30x slower than a bare trio socket server, docs/ARCHITECTURE.md):
 one task per connection, keep-alive, constant bytes encoded once, and an
 unpaced reply leaves in a single socket write.
 
@@ -158,7 +158,7 @@ def parse_fault(spec: str) -> Fault:
 
 
 # ---------------------------------------------------------------------------
-# Wire envelopes: decode only what shapes the reply (STYLE.md, msgspec)
+# Wire envelopes: decode only what shapes the reply (msgspec Structs drop what they do not name)
 # ---------------------------------------------------------------------------
 
 
@@ -1139,7 +1139,7 @@ async def _send(stream: trio.SocketStream, conn: h11.Connection, plan: Plan) -> 
 async def _send_events(stream: trio.SocketStream, conn: h11.Connection, plan: Plan, head: bytes) -> bool:
     """Write SSE events; True when a hang/reset fault cut the stream short.
 
-    Unpaced, the whole stream leaves in one write (ARCHITECTURE.md: every
+    Unpaced, the whole stream leaves in one write (docs/ARCHITECTURE.md: every
     write costs the reader a receive). Paced, each event is its own write, as
     a real upstream's would be. Delays run against absolute deadlines: a
     relative sleep per event drifts (epoll rounds up to whole milliseconds), and

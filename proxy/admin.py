@@ -1,13 +1,13 @@
 """Everything off the hot path: health, readiness, the admin API.
 
 A Quart-Trio app, because here routing, JSON helpers and error handlers are
-worth more than the ~30% per-request cost ARCHITECTURE.md measured. Errors
+worth more than the ~30% per-request cost docs/ARCHITECTURE.md gives. Errors
 keep Anthropic's shape so a client that wandered here still parses them.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 import msgspec
@@ -17,8 +17,25 @@ from quart_trio import QuartTrio
 from .errors import error_body
 from .headers import request_id
 
-if TYPE_CHECKING:
-    from .app import Weir
+
+
+class WeirView(Protocol):
+    """What the admin app reads of the server it describes (``proxy.app.Weir``
+    satisfies it); the app builds the admin app, never the other way round."""
+
+    settings: Any
+    auth: Any
+    router: Any
+    targets: list[Any]
+    cache: Any
+    ratelimiter: Any
+    limited: dict[str, int]
+    in_flight: int
+    served: int
+    draining: bool
+    started: bool
+
+    def ready(self) -> tuple[bool, str]: ...
 
 __all__ = ["build_admin"]
 
@@ -27,7 +44,7 @@ def _json_error(status: int, type_: str, message: str) -> Response:
     return Response(error_body(type_, message), status=status, content_type="application/json")
 
 
-def build_admin(weir: Weir) -> QuartTrio:
+def build_admin(weir: WeirView) -> QuartTrio:
     app = QuartTrio("weir")
     # Quart's own per-request logging would duplicate ours.
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
@@ -41,11 +58,6 @@ def build_admin(weir: Weir) -> QuartTrio:
     @app.get("/ready")
     async def ready() -> Any:
         ok, reason = weir.ready()
-        router = getattr(weir, "router", None)
-        if ok and router is not None and not router.usable(trio.current_time()):
-            # Every breaker is open: this instance can only answer 503s, so a
-            # load balancer should send traffic elsewhere until a probe succeeds.
-            ok, reason = False, "no_usable_upstream"
         body = {"status": reason, "in_flight": weir.in_flight, "upstreams": [t.name for t in weir.targets]}
         return body, (200 if ok else 503)
 

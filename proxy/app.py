@@ -1,14 +1,23 @@
 """The ASGI application: a lean hot path for ``/v1/*`` and Quart for the rest.
 
-ARCHITECTURE.md measured Quart's per-request machinery at ~30% of a trivial
-route's cost on Hypercorn's trio worker, so the API routes are plain ASGI
-callables looked up in a dict; health, readiness and the admin API are a
-Quart-Trio app, where the convenience is worth more than the microseconds.
+docs/ARCHITECTURE.md: Quart's per-request machinery measured ~30% of a
+trivial route's cost on Hypercorn's trio worker, so the API routes are plain
+ASGI callables looked up in a dict; health, readiness and the admin API are
+a Quart-Trio app (``proxy/admin.py``), where the convenience is worth more
+than the microseconds.
+
+One request, top to bottom: ``_api`` checks the target and finds the
+handler; the handler identifies the client, reads and decodes the body
+(``proxy/ingress/``), builds the request's ``RequestContext`` and admits it
+against the tenant's rate limit; ``_forward`` opens the one opener
+(``self.opener``: the cache layer over the router) inside the request's
+deadline scope and hands what comes back to the ``Relay``. Every request
+ends in ``finished``, the one place its ``Outcome`` is emitted.
 
 The lifespan owns the one nursery every background task of this worker runs
-in (the cache's flights and L2 writes, the Redis clients
-of the cache and the rate limiter); it also owns the upstream pools and
-closes them after the server stopped sending requests.
+in (the cache's flights and L2 writes, the Redis clients of the cache and
+the rate limiter); it also owns the upstream pools and closes them after the
+server stopped sending requests.
 """
 
 from __future__ import annotations
@@ -21,30 +30,26 @@ from typing import Any
 
 import trio
 
+from .admin import build_admin
 from .auth import Authenticator, Identity
-from .caching import CacheStage, serve_cache
-from .ingress.anthropic import count_tokens_locally, decode_count_tokens, decode_messages
-from .ingress.openai import decode_chat, openai_error_send
-from .errors import ProxyError
+from .caching import CacheLayer, serve_cache
+from .context import PRIORITIES, Deadlines, Outcome, RequestContext
+from .errors import ProxyError, upstream_failure
 from .headers import request_id, upstream_request_headers
+from .ingress.anthropic import decode_count_tokens, decode_messages
+from .ingress.openai import decode_chat, openai_error_send
 from .kinds import classify
 from .local_answers import local_answer
 from .logs import AccessLog, AccessRecord
 from .metrics import Metrics
 from .tracing import Tracing, client_trace_id, tracing_from_env
-from .relay import (
-    Deadlines,
-    Exchange,
-    end_stream_with_error,
-    relay_error_response,
-    relay_response,
-    send_error,
-)
 from .ratelimit import LocalRateLimiter, RedisRateLimiter, serve_ratelimiter
+from .relay import Relay
 from .router import Router
 from .settings import Settings
 from .target_path import BadTarget, checked_path, checked_query
 from .upstream import Target, UpstreamError, UpstreamRequest
+from .upstream.base import Opener
 from .usage import estimate_input_tokens
 
 __all__ = ["Weir", "build_app"]
@@ -52,10 +57,13 @@ __all__ = ["Weir", "build_app"]
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+Handler = Callable[[Scope, Receive, Relay, dict[bytes, bytes]], Awaitable[None]]
 
 log = logging.getLogger("weir")
 
 _DRAINING = ProxyError(503, "Weir is shutting down; retry on another instance", "overloaded_error", [(b"connection", b"close"), (b"retry-after", b"1")])
+# x-weir-project: a label for cost reports, not an identifier to trust; kept short and printable.
+_PROJECT_MAX = 128
 
 
 class Weir:
@@ -67,18 +75,25 @@ class Weir:
         self.auth = Authenticator(settings.auth, self.environ)
         self.access = AccessLog()
         self._access_on = False  # decided at start-up, once logging is configured
+        # Called with every finished request's Outcome, after the access log
+        # (the request ledger and the metrics register here). A hook must not
+        # block: it runs on the request's task, after the response was sent.
+        self.on_finished: list[Callable[[Outcome], None]] = []
+        # Read the usage off every reply (tokens in and out on the Outcome),
+        # not only when the rate limiter needs it to settle; set by whoever
+        # wants usage recorded for every request.
+        self.meter_usage = False
         self.targets: list[Target] = []
-        self.router: Router
+        self.router: Router | None = None
+        self.cache: CacheLayer | None = None
+        # The one opener the handlers call: the cache layer over the router (built in startup).
+        self.opener: Opener | None = None
         self.draining = False
         self.started = False
         self.in_flight = 0
         self.served = 0
-        self._idle = trio.Event()
-        self._idle.set()
-        self._nursery: trio.Nursery | None = None
         self.ratelimiter: LocalRateLimiter | RedisRateLimiter | None = None
         self.limited: dict[str, int] = {}  # tenant → requests refused by the rate limiter
-        self.cache: CacheStage | None = None  # built in startup(), after the router
         self.local_kinds = frozenset(settings.claude_code.answer_locally)
         self.metrics: Metrics | None = None
         self._refreshes = 0
@@ -87,16 +102,14 @@ class Weir:
                 tenants=[ck.tenant for ck in settings.auth.client_keys], targets=[u.name for u in settings.upstreams], max_models=settings.metrics.max_models
             )
         # path → method → handler. A dict lookup is the whole router.
-        self.routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
+        self.routes: dict[str, dict[str, Handler]] = {
             "/v1/messages": {"POST": self.messages},
             "/v1/messages/count_tokens": {"POST": self.count_tokens},
             "/v1/models": {"GET": self.passthrough},
             "/v1/chat/completions": {"POST": self.chat_completions},
         }
         # The methods Anthropic's API uses on the endpoints Weir does not read.
-        self._forwarded = dict.fromkeys(("GET", "POST", "DELETE", "PUT", "PATCH"), self.passthrough)
-        from .admin import build_admin
-
+        self._forwarded: dict[str, Handler] = dict.fromkeys(("GET", "POST", "DELETE", "PUT", "PATCH"), self.passthrough)
         self.admin = build_admin(self)
 
     # ---------------------------------------------------------------- ASGI
@@ -114,195 +127,259 @@ class Weir:
         # websockets: nothing here speaks them; returning closes the socket.
 
     async def _api(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        headers = dict(scope["headers"])
         if path.startswith("/v1/chat/"):
             # The OpenAI ingress: every error it answers — 400, 401, 404, 405
             # included — in OpenAI's shape.
-            send = openai_error_send(send)
-        headers = dict(scope["headers"])
+            out = Outcome(request_id=request_id(headers), received=time.perf_counter(), method=scope["method"], path=path, ingress="openai")
+            relay = Relay(send, out, reshape=openai_error_send)
+        else:
+            out = Outcome(request_id=request_id(headers), received=time.perf_counter(), method=scope["method"], path=path)
+            relay = Relay(send, out)
         try:
-            # Route on, and forward, the raw path as checked — never Hypercorn's decoded one.
-            path = scope["path"] = checked_path(scope.get("raw_path") or path.encode())
-            scope["query_string"] = checked_query(scope["query_string"])
-        except BadTarget as exc:
-            ex = Exchange(request_id=request_id(headers), started=time.perf_counter(), method=scope["method"], path=path)
-            await send_error(send, ex, ProxyError(400, str(exc), "invalid_request_error"))
-            self._log(ex)
-            return
-        methods = self.routes.get(path)
-        if methods is None:
-            if path.startswith("/v1/models/"):
-                methods = {"GET": self.passthrough}
-            elif not path.startswith("/v1/chat/"):
-                # Batches, files, skills and whatever Anthropic adds next:
-                # forwarded, as checked above, to an Anthropic-kind target
-                # (proxy/router.py resolves them); a target kind with no
-                # equivalent answers 404 (proxy/upstream/adapters.py).
-                methods = self._forwarded
-        ex = Exchange(request_id=request_id(headers), started=time.perf_counter(), method=scope["method"], path=path)
-        handler = methods.get(scope["method"]) if methods is not None else None
-        if handler is None:
+            try:
+                # Route on, and forward, the raw path as checked — never Hypercorn's decoded one.
+                path = out.path = scope["path"] = checked_path(scope.get("raw_path") or path.encode())
+                scope["query_string"] = checked_query(scope["query_string"])
+            except BadTarget as exc:
+                await relay.send_error(ProxyError(400, str(exc), "invalid_request_error"))
+                return
+            methods = self.routes.get(path)
             if methods is None:
-                err = ProxyError(404, f"Not found: {scope['method']} {path}", "not_found_error")
-            else:
-                allow = ", ".join(sorted(methods)).encode()
-                err = ProxyError(405, f"Method {scope['method']} not allowed for {path}", "invalid_request_error", [(b"allow", allow)])
-            await send_error(send, ex, err)
-            self._log(ex)
-            return
-        if self.draining:
-            await send_error(send, ex, _DRAINING)
-            self._log(ex)
-            return
-        self.in_flight += 1
-        if self._idle.is_set():
-            self._idle = trio.Event()
-        try:
-            if self.tracing is None:
-                ex.trace_id = client_trace_id(headers.get(b"traceparent"))
-                await handler(scope, receive, send, headers, ex)
-            else:
-                ex.span = self.tracing.start_request(scope["method"], path, headers, ex.request_id)
-                ex.trace_id = self.tracing.trace_id(ex.span)
-                with self.tracing.current(ex.span):
-                    await handler(scope, receive, send, headers, ex)
+                if path.startswith("/v1/models/"):
+                    methods = {"GET": self.passthrough}
+                elif not path.startswith("/v1/chat/"):
+                    # Batches, files, skills and whatever Anthropic adds next:
+                    # forwarded, as checked above, to an Anthropic-kind target
+                    # (proxy/router.py resolves them); a target kind with no
+                    # equivalent answers 404 (proxy/upstream/adapters.py).
+                    methods = self._forwarded
+            handler = methods.get(scope["method"]) if methods is not None else None
+            if handler is None:
+                if methods is None:
+                    err = ProxyError(404, f"Not found: {scope['method']} {path}", "not_found_error")
+                else:
+                    allow = ", ".join(sorted(methods)).encode()
+                    err = ProxyError(405, f"Method {scope['method']} not allowed for {path}", "invalid_request_error", [(b"allow", allow)])
+                await relay.send_error(err)
+                return
+            if self.draining:
+                await relay.send_error(_DRAINING)
+                return
+            self.in_flight += 1
+            try:
+                if self.tracing is None:
+                    out.trace_id = client_trace_id(headers.get(b"traceparent"))
+                    await handler(scope, receive, relay, headers)
+                else:
+                    out.span = self.tracing.start_request(scope["method"], path, headers, out.request_id)
+                    out.trace_id = self.tracing.trace_id(out.span)
+                    with self.tracing.current(out.span):
+                        await handler(scope, receive, relay, headers)
+            finally:
+                self.in_flight -= 1
+                self.served += 1
         except _ClientGone:
-            ex.status, ex.outcome = 499, "client_closed"
+            out.result = "client_closed"
+            if not out.status:
+                out.status = 499  # nginx's convention for "client closed request"
         except Exception:
             # A bug, not a client's fault: the traceback goes to our log with
             # the request id; the client gets Anthropic's shape and that id.
-            log.exception("request failed", extra={"request_id": ex.request_id})
-            ex.outcome, ex.error = "internal_error", "api_error"
-            if not ex.head_sent:
-                await send_error(send, ex, ProxyError(500, f"internal error; request id {ex.request_id}", "api_error"))
-            elif ex.is_sse:
-                await end_stream_with_error(send, ex, "api_error", f"internal error; request id {ex.request_id}")
+            log.exception("request failed", extra={"request_id": out.request_id})
+            if not relay.head_sent:
+                await relay.send_error(ProxyError(500, f"internal error; request id {out.request_id}", "api_error"))
+            elif relay.is_sse:
+                await relay.end_stream_with_error("api_error", f"internal error; request id {out.request_id}")
+            out.result, out.error = "internal_error", "api_error"
         finally:
-            self.in_flight -= 1
-            self.served += 1
-            if self.in_flight == 0:
-                self._idle.set()
-            self._log(ex)
+            self.finished(out)
 
-    def _log(self, ex: Exchange) -> None:
-        """The one place a finished request is recorded: metrics, then the access log."""
+    def finished(self, out: Outcome) -> None:
+        """The one place a finished request's record is emitted: the access
+        log line, then every ``on_finished`` hook (ledger, metrics)."""
+        out.total_s = time.perf_counter() - out.received
         if self.metrics is not None:
-            self._measure(ex)
-        if ex.span is not None:
-            self._end_span(ex)
-        if not self._access_on:
-            return
-        now = time.time()
-        self.access.write(
-            AccessRecord(
-                ts=self.access.timestamp(now),
-                request_id=ex.request_id,
-                method=ex.method,
-                path=ex.path,
-                status=ex.status,
-                tenant=ex.tenant,
-                model=ex.model,
-                stream=ex.stream,
-                target=ex.target,
-                outcome=ex.outcome or ("ok" if ex.status < 400 else "error"),
-                error=ex.error or None,
-                duration_ms=round((time.perf_counter() - ex.started) * 1000.0, 3),
-                upstream_ms=round(ex.upstream_s * 1000.0, 3),
-                bytes_out=ex.bytes_out,
-                dropped=ex.dropped or None,
-                kind=ex.kind or None,
-                trace_id=ex.trace_id or None,
+            self._measure(out)
+        if out.span is not None:
+            self._end_span(out)
+        if self._access_on:
+            now = time.time()
+            self.access.write(
+                AccessRecord(
+                    ts=self.access.timestamp(now),
+                    request_id=out.request_id,
+                    method=out.method,
+                    path=out.path,
+                    status=out.status,
+                    tenant=out.tenant,
+                    model=out.model,
+                    stream=out.stream,
+                    kind=out.kind,
+                    project=out.project,
+                    target=out.target,
+                    outcome=out.result,
+                    error=out.error,
+                    cache=out.cache,
+                    duration_ms=round(out.total_s * 1000.0, 3),
+                    upstream_ms=round(out.upstream_head_s * 1000.0, 3),
+                    bytes_out=out.bytes_out,
+                    dropped=out.dropped or None,
+                    trace_id=out.trace_id or None,
+                )
             )
-        )
+        for hook in self.on_finished:
+            try:
+                hook(out)
+            except Exception:  # a broken observer must not break the request path
+                log.exception("on_finished hook failed", extra={"request_id": out.request_id})
 
-    def _measure(self, ex: Exchange) -> None:
-        end = time.perf_counter()
-        cache = ""
-        for name, value in ex.extra_headers:
-            if name == b"x-weir-cache":
-                cache = value.decode()
-        meter = ex.meter
+    def _measure(self, out: Outcome) -> None:
         self.metrics.request(  # type: ignore[union-attr]
-            route=ex.path,
-            tenant=ex.tenant,
-            model=ex.model,
-            target=ex.target,
-            code=ex.status,
-            cache=cache,
-            kind=ex.kind,
-            stream=ex.stream,
-            duration_s=end - ex.started,
-            overhead_s=end - ex.started - ex.upstream_s,
-            ttft_s=ex.first_byte - ex.started if ex.first_byte and ex.status < 400 else None,
-            input_tokens=meter.input if meter is not None else 0,
-            output_tokens=meter.output if meter is not None else 0,
+            route=out.path,
+            tenant=out.tenant,
+            model=out.model,
+            target=out.target,
+            code=out.status,
+            cache=out.cache or "",
+            kind=out.kind or "",
+            stream=out.stream,
+            duration_s=out.total_s,
+            overhead_s=out.total_s - out.upstream_head_s,
+            ttft_s=out.first_byte_s if out.first_byte_s is not None and out.status < 400 else None,
+            input_tokens=out.input_tokens or 0,
+            output_tokens=out.output_tokens or 0,
         )
 
-    def _end_span(self, ex: Exchange) -> None:
-        name, _, served = ex.target.partition(":")
-        lane = self.router.lane(name) if self.started and name else None
-        meter = ex.meter
-        cache = ""
-        for n, value in ex.extra_headers:
-            if n == b"x-weir-cache":
-                cache = value.decode()
+    def _end_span(self, out: Outcome) -> None:
+        name = out.target.partition(":")[0]
+        lane = self.router.lane(name) if self.router is not None and name else None
+        error = out.error or ""
         self.tracing.finish_request(  # type: ignore[union-attr]
-            ex.span,
-            operation="chat" if ex.path in ("/v1/messages", "/v1/chat/completions") else "",
+            out.span,
+            operation="chat" if out.path in ("/v1/messages", "/v1/chat/completions") else "",
             provider=lane.target.kind if lane is not None else "",
-            request_model=ex.model,
-            response_model=served or ex.model,
-            status=ex.status,
-            error=ex.error if ex.error and ex.status >= 400 or ex.error.startswith("upstream_") else "",
-            input_tokens=meter.input if meter is not None else 0,
-            output_tokens=meter.output if meter is not None else 0,
-            target=ex.target,
-            cache=cache,
+            request_model=out.model,
+            response_model=out.served_model or out.model,
+            status=out.status,
+            error=error if error and out.status >= 400 or error.startswith("upstream_") else "",
+            input_tokens=out.input_tokens or 0,
+            output_tokens=out.output_tokens or 0,
+            target=out.target,
+            cache=out.cache or "",
         )
 
     # ----------------------------------------------------------- handlers
 
-    async def messages(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange) -> None:
-        await self._model_call(scope, receive, send, headers, ex, decode_messages)
+    async def messages(self, scope: Scope, receive: Receive, relay: Relay, headers: dict[bytes, bytes]) -> None:
+        await self._model_call(scope, receive, relay, headers, decode_messages)
 
-    async def chat_completions(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange) -> None:
+    async def chat_completions(self, scope: Scope, receive: Receive, relay: Relay, headers: dict[bytes, bytes]) -> None:
         """OpenAI clients, to either kind of upstream; every error in OpenAI's shape (see ``_api``)."""
-        await self._model_call(scope, receive, send, headers, ex, decode_chat)
+        await self._model_call(scope, receive, relay, headers, decode_chat)
 
-    async def _model_call(
-        self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange, decode: Callable[[bytes], Any]
-    ) -> None:
+    async def _model_call(self, scope: Scope, receive: Receive, relay: Relay, headers: dict[bytes, bytes], decode: Callable[[bytes], Any]) -> None:
         """A generation in either dialect: identify, read, decode the envelope, admit, forward."""
+        out = relay.out
         try:
             ident = self.auth.identify(headers)
-            ex.tenant = ident.tenant
+            out.tenant = ident.tenant
             body = await self._read_body(receive, headers)
             env = decode(body)
         except ProxyError as err:
-            await send_error(send, ex, err)
+            await relay.send_error(err)
             return
-        ex.model = env.model
-        ex.stream = env.stream
-        ex.temperature = getattr(env, "temperature", ...)
+        kind = "main"
         if decode is decode_messages:
-            ex.kind = classify(env)
-            if ex.kind in self.local_kinds:
-                await self._answer_locally(send, ex)
+            kind = out.kind = classify(env)
+            if kind in self.local_kinds:
+                await self._answer_locally(relay, kind, env.model, env.stream)
                 return
-        await self._admit_and_forward(scope, receive, send, headers, ex, body, ident)
+        ctx = self._context(scope, headers, out, ident, body, env.model, env.stream, getattr(env, "temperature", ...), kind)
+        await self._admit_and_forward(scope, receive, relay, ctx, body)
 
-    async def _answer_locally(self, send: Send, ex: Exchange) -> None:
+    async def _answer_locally(self, relay: Relay, kind: str, model: str, stream: bool) -> None:
         """A side call the operator chose to answer without an upstream (proxy/local_answers.py)."""
-        content_type, body = local_answer(ex.kind, ex.model, ex.stream)
-        ex.status, ex.target = 200, "local"
-        ex.is_sse = ex.stream
-        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), (b"x-weir-target", b"local"), *ex.weir_headers()]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        ex.head_sent = True
-        await send({"type": "http.response.body", "body": body})
-        ex.bytes_out = len(body)
-        ex.complete = True
+        content_type, body = local_answer(kind, model, stream)
+        out = relay.out
+        out.model, out.stream, out.target = model, stream, "local"
+        relay.is_sse = stream
+        await relay.send_whole(200, [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), (b"x-weir-target", b"local")], body)
 
-    async def _admit_and_forward(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange, body: bytes, ident: Identity) -> None:
+    async def count_tokens(self, scope: Scope, receive: Receive, relay: Relay, headers: dict[bytes, bytes]) -> None:
+        """Counted by the upstream; estimated by the adapter for a target that has no counter."""
+        out = relay.out
+        try:
+            ident = self.auth.identify(headers)
+            out.tenant = ident.tenant
+            body = await self._read_body(receive, headers)
+            env = decode_count_tokens(body)
+        except ProxyError as err:
+            await relay.send_error(err)
+            return
+        ctx = self._context(scope, headers, out, ident, body, env.model, False)
+        await self._forward(scope, receive, relay, ctx, body)
+
+    async def passthrough(self, scope: Scope, receive: Receive, relay: Relay, headers: dict[bytes, bytes]) -> None:
+        """Routes Weir forwards without reading: models, batches, files, skills…"""
+        out = relay.out
+        try:
+            ident = self.auth.identify(headers)
+            out.tenant = ident.tenant
+            body = await self._read_body(receive, headers)
+        except ProxyError as err:
+            await relay.send_error(err)
+            return
+        ctx = self._context(scope, headers, out, ident, body, "", False)
+        await self._forward(scope, receive, relay, ctx, body)
+
+    def _context(
+        self,
+        scope: Scope,
+        headers: dict[bytes, bytes],
+        out: Outcome,
+        ident: Identity,
+        body: bytes,
+        model: str,
+        stream: bool,
+        temperature: Any = ...,
+        kind: str = "main",
+    ) -> RequestContext:
+        """The request's facts, fixed from here on; the Outcome starts with the same ones."""
+        path = out.path
+        d = self.settings.deadlines
+        raw_priority = headers.get(b"x-weir-priority")
+        priority = "interactive"
+        if raw_priority is not None and raw_priority.decode("latin-1") in PRIORITIES:
+            priority = raw_priority.decode("latin-1")
+        project = ""
+        raw_project = headers.get(b"x-weir-project")
+        if raw_project and len(raw_project) <= _PROJECT_MAX and raw_project.isascii():
+            project = raw_project.decode("ascii")
+            if not project.isprintable():
+                project = ""
+        cache = self.cache
+        lookup = cache.plan(path, headers, body, ident.tenant, temperature) if cache is not None else None
+        out.model, out.stream, out.bytes_in, out.project = model, stream, len(body), project
+        return RequestContext(
+            request_id=out.request_id,
+            received=out.received,
+            method=out.method,
+            path=path,
+            ingress=out.ingress,
+            tenant=ident.tenant,
+            passthrough=ident.passthrough,
+            model=model,
+            stream=stream,
+            priority=priority,  # type: ignore[arg-type]
+            deadlines=Deadlines(total=trio.current_time() + d.total_s, first_byte_s=d.first_byte_s, idle_s=d.idle_s),
+            lookup=lookup,
+            kind=kind,
+            project=project,
+            span=out.span,
+        )
+
+    async def _admit_and_forward(self, scope: Scope, receive: Receive, relay: Relay, ctx: RequestContext, body: bytes) -> None:
         """Admit against the tenant's budget on an estimate; settle on the real usage.
 
         Tokens are the upstream's: settled with the usage of the reply relayed
@@ -311,59 +388,29 @@ class Weir:
         """
         limiter = self.ratelimiter
         if limiter is None:
-            await self._forward(scope, receive, send, headers, ex, body, ident)
+            await self._forward(scope, receive, relay, ctx, body)
             return
         est = estimate_input_tokens(body)
-        decision = await limiter.admit(ident.tenant, est)
-        ex.extra_headers.extend(decision.headers())
-        ex.own_ratelimit = not decision.degraded
+        decision = await limiter.admit(ctx.tenant, est)
+        relay.extra_headers.extend(decision.headers())
+        relay.own_ratelimit = not decision.degraded
         if not decision.allowed:
-            self.limited[ident.tenant] = self.limited.get(ident.tenant, 0) + 1
+            self.limited[ctx.tenant] = self.limited.get(ctx.tenant, 0) + 1
             if self.metrics is not None:
                 spent = decision.requests_limit and decision.requests_remaining <= 0
-                self.metrics.ratelimit_rejection(ident.tenant, "requests" if spent else "tokens")
-            ex.outcome = "rate_limited"
-            await send_error(send, ex, ProxyError(429, f"rate limit exceeded for tenant {ident.tenant}; retry after {decision.retry_after:.1f}s", "rate_limit_error"))
+                self.metrics.ratelimit_rejection(ctx.tenant, "requests" if spent else "tokens")
+            relay.out.result = "rate_limited"
+            await relay.send_error(ProxyError(429, f"rate limit exceeded for tenant {ctx.tenant}; retry after {decision.retry_after:.1f}s", "rate_limit_error"))
             return
-        ex.metered = True
+        relay.metered = True
         try:
-            await self._forward(scope, receive, send, headers, ex, body, ident)
+            await self._forward(scope, receive, relay, ctx, body)
         finally:
-            actual = ex.meter.tokens if ex.meter is not None else 0
+            served_from_cache = relay.out.cache == "hit"
+            actual = relay.meter.tokens if relay.meter is not None and not served_from_cache else 0
             with trio.move_on_after(1) as cs:  # settle even when the client left
                 cs.shield = True
-                await limiter.settle(ident.tenant, est, actual)
-
-    async def count_tokens(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange) -> None:
-        try:
-            ident = self.auth.identify(headers)
-            ex.tenant = ident.tenant
-            body = await self._read_body(receive, headers)
-            env = decode_count_tokens(body)
-            ex.model = env.model
-            lane, _ = self.router.resolve(env.model)[0]
-            if lane.target.kind == "openai":
-                # OpenAI-compatible servers have no token counter: estimate locally.
-                counted = b'{"input_tokens":%d}' % count_tokens_locally(body)
-                ex.status = 200
-                await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(counted)).encode()), (b"x-weir-token-count", b"estimate"), *ex.weir_headers()]})
-                await send({"type": "http.response.body", "body": counted})
-                return
-        except ProxyError as err:
-            await send_error(send, ex, err)
-            return
-        await self._forward(scope, receive, send, headers, ex, body, ident)
-
-    async def passthrough(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], ex: Exchange) -> None:
-        """Routes Weir forwards without reading: models, batches, files, skills…"""
-        try:
-            ident = self.auth.identify(headers)
-            ex.tenant = ident.tenant
-            body = await self._read_body(receive, headers)
-        except ProxyError as err:
-            await send_error(send, ex, err)
-            return
-        await self._forward(scope, receive, send, headers, ex, body, ident)
+                await limiter.settle(ctx.tenant, est, actual)
 
     async def _read_body(self, receive: Receive, headers: Mapping[bytes, bytes]) -> bytes:
         limit = self.settings.server.max_body_bytes
@@ -398,105 +445,76 @@ class Weir:
             if not msg.get("more_body", False):
                 return b"".join(parts)
 
-    async def _forward(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        headers: dict[bytes, bytes],
-        ex: Exchange,
-        body: bytes,
-        ident: Identity,
-    ) -> None:
-        cache = self.cache
-        if cache is not None:
-            ex.cache_plan = cache.plan(scope["path"], headers, body, ident, ex)
-            if ex.cache_plan is not None:
-                if self.tracing is None:
-                    if await cache.answer(send, ex, ex.cache_plan):
-                        return
-                else:
-                    with self.tracing.child("weir.cache_lookup") as span:
-                        hit = await cache.answer(send, ex, ex.cache_plan)
-                        span.set_attribute("weir.cache.hit", hit)
-                    if hit:
-                        return
+    async def _forward(self, scope: Scope, receive: Receive, relay: Relay, ctx: RequestContext, body: bytes) -> None:
+        """Open the one opener inside the request's deadline scope and relay what comes back."""
         req = UpstreamRequest(
-            method=scope["method"],
-            path=scope["path"],
+            method=ctx.method,
+            path=ctx.path,
             query=scope["query_string"],
-            headers=upstream_request_headers(scope["headers"], forward_credentials=ident.passthrough, credentials=[]),
+            headers=upstream_request_headers(scope["headers"], forward_credentials=ctx.passthrough),
             body=body,
-            stream=ex.stream,
-            model=ex.model,
-            priority=headers.get(b"x-weir-priority", b"interactive").decode("latin-1"),
-            kind=ex.kind or "main",
+            stream=ctx.stream,
+            model=ctx.model,
         )
-        d = self.settings.deadlines
-        deadlines = Deadlines(total=trio.current_time() + d.total_s, first_byte_s=d.first_byte_s, idle_s=d.idle_s)
+        if self.meter_usage:
+            relay.metered = True
+        out = relay.out
+        opener = self.opener
+        assert opener is not None, "a request before start-up"
+        if ctx.lookup is not None and self.cache is not None:
+            if self.tracing is None:
+                hit = await self.cache.hit(ctx)
+            else:
+                with self.tracing.child("weir.cache_lookup") as span:
+                    hit = await self.cache.hit(ctx)
+                    span.set_attribute("weir.cache.hit", hit is not None)
+            if hit is not None:
+                out.take(hit.served)
+                await relay.response(hit, trio.CancelScope(), ctx.deadlines)
+                return
         async with trio.open_nursery() as nursery:
             # A client that hangs up cancels everything below, the upstream
             # call included: the pool closes that connection as it unwinds,
             # which is how the upstream learns the call was abandoned.
-            nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, ex)
-
-            async def send_tracked(message: dict[str, Any]) -> None:
-                # Hypercorn reports http.disconnect as soon as a response is
-                # complete (as ASGI says it should): mark completion *before*
-                # the last send, so the watcher can tell that from a hang-up.
-                if message["type"] == "http.response.body" and not message.get("more_body", False):
-                    ex.complete = True
-                await send(message)
-
+            nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, relay)
             try:
-                await self._respond(send_tracked, ex, req, headers, ident, deadlines)
+                d = ctx.deadlines
+                with trio.CancelScope(deadline=min(trio.current_time() + d.first_byte_s, d.total)) as scope_:
+                    asked = time.perf_counter()
+                    resp = None
+                    try:
+                        async with opener.open(req, ctx) as resp:
+                            out.upstream_head_s = time.perf_counter() - asked
+                            if resp.status >= 400:
+                                await relay.error_response(resp)
+                            else:
+                                await relay.response(resp, scope_, d)
+                    except ProxyError as err:
+                        if err.served is not None:
+                            out.take(err.served)
+                        if not relay.head_sent:
+                            await relay.send_error(err)
+                    except UpstreamError as exc:
+                        # Past the head the relay already ended the stream; before it, nobody answered.
+                        if not relay.head_sent:
+                            await relay.send_error(upstream_failure(exc, out.target or "upstream"))
+                    finally:
+                        if resp is not None:
+                            out.take(resp.served)
+                            out.breaker = resp.served.verdict
+                        if relay.meter is not None and out.cache != "hit":
+                            out.input_tokens, out.output_tokens = relay.meter.counts()
+                if scope_.cancelled_caught:
+                    out.result = "deadline"
+                    if not relay.head_sent:
+                        phase = "first byte" if trio.current_time() < d.total else "total"
+                        where = f"upstream {out.target}" if out.target else "the upstream"
+                        await relay.send_error(ProxyError(504, f"{where} did not answer within the {phase} deadline", "timeout_error"))
+                    elif relay.is_sse:
+                        await relay.end_stream_with_error("timeout_error", "the request deadline expired mid-stream")
+                    out.error = out.error or "timeout_error"
             finally:
                 nursery.cancel_scope.cancel()
-
-    async def _respond(self, send: Send, ex: Exchange, req: UpstreamRequest, headers: dict[bytes, bytes], ident: Identity, deadlines: Deadlines) -> None:
-        """cache → coalesce → route → upstream → respond."""
-        if self.cache is None:
-            await self._exchange(send, ex, req, ident, deadlines)
-            return
-        await self.cache.respond(send, ex, req, headers, ident, deadlines, self._exchange)
-
-    async def _exchange(
-        self,
-        send: Send,
-        ex: Exchange,
-        req: UpstreamRequest,
-        ident: Identity,
-        deadlines: Deadlines,
-        *,
-        opener: Callable[..., Any] | None = None,
-        tee: Callable[[bytes], None] | None = None,
-    ) -> None:
-        """One request relayed from its upstream call — or, with ``opener``
-        (the coalescer's), from a call it shares; ``tee`` sees each chunk."""
-        first = trio.current_time() + deadlines.first_byte_s
-        with trio.CancelScope(deadline=min(first, deadlines.total)) as scope:
-            ex.deadline_scope = scope
-            t_up = time.perf_counter()
-            try:
-                async with (opener or self.router.open)(req, ident=ident, ex=ex, deadlines=deadlines) as resp:
-                    ex.upstream_s = time.perf_counter() - t_up
-                    if resp.status >= 400:
-                        await relay_error_response(send, ex, resp)
-                        return
-                    await relay_response(send, ex, resp, scope, deadlines, tee=tee)
-            except ProxyError as err:
-                if not ex.head_sent:
-                    await send_error(send, ex, err)
-                return
-            except UpstreamError:
-                return  # broke after the head: relay_response already ended the stream
-        if scope.cancelled_caught:
-            ex.outcome = "deadline"
-            if not ex.head_sent:
-                phase = "first byte" if trio.current_time() < deadlines.total else "total"
-                await send_error(send, ex, ProxyError(504, f"upstream {ex.target} did not answer within the {phase} deadline", "timeout_error"))
-            elif ex.is_sse:
-                await end_stream_with_error(send, ex, "timeout_error", "the request deadline expired mid-stream")
 
     # ----------------------------------------------------------- lifespan
 
@@ -544,24 +562,21 @@ class Weir:
             await from_quart_recv.receive()
 
     async def startup(self, nursery: trio.Nursery) -> None:
-        self._nursery = nursery
         self._access_on = self.settings.server.access_log and self.access.enabled()
-        upstreams = list(self.settings.upstreams)
         if self.settings.uses_mock():
             # The quick start's mock is started by whoever runs the app (proxy/cli.py).
             raise RuntimeError("no upstream has a URL: configure one, or start Weir through `weir serve`, which starts the mock upstream")
-        for u in upstreams:
+        for u in self.settings.upstreams:
             target = Target(u, url=u.url, keys=u.keys(self.environ), deadlines=self.settings.deadlines)
             nursery.start_soon(target.pool.reap_idle)
             self.targets.append(target)
         self.router = Router(self.settings, self.targets, metrics=self.metrics, tracing=self.tracing)
         self.ratelimiter = await nursery.start(serve_ratelimiter, self.settings.ratelimit)
-        # The cache stage owns its L2 connection and background work from a
-        # task in this nursery (see proxy.caching.serve_cache); it closes when
-        # the lifespan ends. The lambda looks the router up per call.
-        self.cache = await nursery.start(
-            serve_cache, self.settings.cache, lambda *a, **kw: self.router.open(*a, **kw), self.settings.server.data_path("cache.db")
-        )
+        # The cache layer wraps the router and owns its L2 connection and
+        # background work from a task in this nursery (proxy.caching.serve_cache);
+        # it closes when the lifespan ends.
+        self.cache = await nursery.start(serve_cache, self.settings.cache, self.router, self.settings.server.data_path("cache.db"))
+        self.opener = self.cache
         if self.metrics is not None:
             nursery.start_soon(self._refresh_gauges)
         self.started = True
@@ -577,7 +592,7 @@ class Weir:
         if metrics is None:
             return
         now = trio.current_time()
-        lanes = self.router.lanes if self.started else []
+        lanes = self.router.lanes if self.started and self.router is not None else []
         keys = []
         for lane in lanes:
             if lane.keys is not None:
@@ -608,19 +623,15 @@ class Weir:
         self.targets.clear()
         self.started = False
 
-    async def drain(self, timeout: float) -> bool:
-        """Stop taking requests and wait for those in flight; True if all finished."""
-        self.draining = True
-        with trio.move_on_after(timeout):
-            await self._idle.wait()
-            return True
-        return False
-
     def ready(self) -> tuple[bool, str]:
         if self.draining:
             return False, "draining"
         if not self.started or not self.targets:
             return False, "starting"
+        if self.router is not None and not self.router.usable(trio.current_time()):
+            # Every breaker is open: this instance can only answer 503s, so a
+            # load balancer should send traffic elsewhere until a probe succeeds.
+            return False, "no_usable_upstream"
         return True, "ready"
 
 
@@ -648,15 +659,15 @@ class _ClientGone(Exception):
     """The client disconnected while sending its body."""
 
 
-async def _watch_disconnect(receive: Receive, scope: trio.CancelScope, ex: Exchange) -> None:
+async def _watch_disconnect(receive: Receive, scope: trio.CancelScope, relay: Relay) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            if ex.complete:
+            if relay.complete:
                 return  # the response is whole: this is the end of the exchange, not a hang-up
-            ex.outcome = "client_closed"
-            if not ex.status:
-                ex.status = 499  # nginx's convention for "client closed request"
+            relay.out.result = "client_closed"
+            if not relay.out.status:
+                relay.out.status = 499  # nginx's convention for "client closed request"
             scope.cancel()
             return
 

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -71,27 +71,20 @@ from cache import (
     tenant_tag,
 )
 
-from .auth import Identity
 from .coalesce import Coalescer, Flight
+from .context import RequestContext, Served
 from .errors import ProxyError
-from .relay import Deadlines, Exchange
 from .settings import CacheSettings
 from .sse import SSEParser
 from .upstream import UpstreamRequest, UpstreamResponse
+from .upstream.adapters import BufferedResponse
+from .upstream.base import ERROR_BODY_LIMIT, Opener, read_up_to
 
-__all__ = ["CacheStage", "Lookup", "build_entry", "plan_lookup", "replay", "serve_cache"]
+__all__ = ["CacheLayer", "Lookup", "build_entry", "plan_lookup", "replay", "serve_cache"]
 
 log = logging.getLogger("weir.cache")
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-# Router.open's shape: (req, *, ident, ex, deadlines) -> async CM of UpstreamResponse.
-Opener = Callable[..., Any]
-
 CACHED_ROUTE = "/v1/messages"
-_HIT = (b"x-weir-cache", b"hit")
-_MISS = (b"x-weir-cache", b"miss")
-_COALESCED = (b"x-weir-cache", b"coalesced")
-_BYPASS = (b"x-weir-cache", b"bypass")
 _CT_JSON = b"application/json"
 _CT_SSE = b"text/event-stream; charset=utf-8"
 
@@ -222,18 +215,61 @@ def replay(entry: Entry, stream: bool) -> tuple[int, list[tuple[bytes, bytes]], 
     return entry.status, headers, body
 
 
+def _hit(entry: Entry, stream: bool) -> BufferedResponse:
+    """A stored reply as a response: one head, one body."""
+    try:
+        status, headers, body = replay(entry, stream)
+    except (ValueError, KeyError, TypeError) as exc:
+        # A stored entry that cannot be converted to the form asked for:
+        # nothing a client can fix, and rare enough to be a bug report.
+        raise ProxyError(500, f"cached entry could not be replayed: {exc}", "api_error") from None
+    return BufferedResponse(status, headers, body, Served(cache="hit"))
+
+
+class _Recording:
+    """A response seen through the cache: every chunk kept for the store, and
+    whether the body was read to its end (only a whole reply is stored)."""
+
+    __slots__ = ("status", "headers", "served", "chunks", "whole", "_resp")
+
+    def __init__(self, resp: UpstreamResponse) -> None:
+        self.status = resp.status
+        self.headers = resp.headers
+        self.served = resp.served
+        self.chunks: list[bytes] = []
+        self.whole = False
+        self._resp = resp
+
+    async def aiter(self) -> AsyncIterator[bytes]:
+        keep = self.chunks.append
+        async for chunk in self._resp.aiter():
+            keep(chunk)
+            yield chunk
+        self.whole = True
+
+    async def read(self, limit: int) -> bytes:
+        return await read_up_to(self.aiter(), limit)
+
+
 # --------------------------------------------------------------- trio shell
 
 
-class CacheStage:
-    """The cache and coalesce stages of the request pipeline."""
+class CacheLayer:
+    """The cache and coalesce stages: an opener over the router.
+
+    ``hit(ctx)`` answers from the cache when it may: a buffered response.
+    Otherwise ``open(req, ctx)`` joins or starts the key's coalesced flight
+    when coalescing is on (``proxy/coalesce.py``; the flight calls the
+    router), or calls the router directly and stores what came back. Every
+    ``/v1/messages`` response is tagged with its cache outcome (``served.cache``).
+    """
 
     def __init__(
         self,
         settings: CacheSettings,
         tiered: TieredCache,
         *,
-        open_upstream: Opener,
+        inner: Opener,
         nursery: trio.Nursery,
         has_l2: bool,
         # Wall clock: entries are stamped for other processes and hosts (L2).
@@ -241,85 +277,60 @@ class CacheStage:
     ) -> None:
         self.settings = settings
         self.tiered = tiered
-        self._open_upstream = open_upstream
+        self.inner = inner
         self._has_l2 = has_l2
         self._wall = wall_clock
         self.coalescer = Coalescer(nursery) if settings.coalesce else None
         self.counts = {"hits": 0, "misses": 0, "coalesced": 0, "bypass": 0, "stored": 0, "not_stored": 0, "lease_waits": 0, "lease_fills": 0}
 
-    def plan(self, path: str, headers: Mapping[bytes, bytes], body: bytes, ident: Identity, ex: Exchange) -> Lookup | None:
-        """The cache's decision for a request, made once, before anything else is built."""
+    def plan(self, path: str, headers: Mapping[bytes, bytes], body: bytes, tenant: str, temperature: Any = ...) -> Lookup | None:
+        """The cache's decision for a request, made once, when its context is built."""
         if path != CACHED_ROUTE:
             return None
         s = self.settings
-        lk = plan_lookup(path=path, headers=headers, body=body, tenant=ident.tenant, mode=s.mode, default_ttl=s.ttl_s, temperature=ex.temperature)
+        lk = plan_lookup(path=path, headers=headers, body=body, tenant=tenant, mode=s.mode, default_ttl=s.ttl_s, temperature=temperature)
         if lk is None:
             self.counts["bypass"] += 1
-            ex.extra_headers.append(_BYPASS)
         return lk
 
-    async def answer(self, send: Send, ex: Exchange, lk: Lookup) -> bool:
-        """Serve a hit, if there is one; False means go on to coalesce or call upstream.
+    async def hit(self, ctx: RequestContext) -> BufferedResponse | None:
+        """The stored reply for this request, if it may be answered from the cache.
 
-        The app asks this before it builds the upstream request and the
-        disconnect watcher: a hit never waits on an upstream, so it needs neither.
+        The app asks this before ``open`` and before it starts the request's
+        disconnect watcher: a hit never waits on an upstream, so it needs
+        none, and skipping that task took L1 hits from 0.75x to 0.84x of the
+        server floor (docs/ARCHITECTURE.md).
         """
-        if not lk.read:
-            return False
+        lk: Lookup | None = ctx.lookup
+        if lk is None or not lk.read:
+            return None
         found = await self.tiered.get(lk.key)
         if found is None or (lk.max_age is not None and self._wall() - found[0].created_at > lk.max_age):
-            return False
+            return None
         self.counts["hits"] += 1
-        ex.extra_headers.append(_HIT)
-        await self._send_entry(send, ex, found[0])
-        return True
+        return _hit(found[0], ctx.stream)
 
-    # The `_exchange` callable the app passes in: it owns deadlines and relaying.
-    async def respond(
-        self,
-        send: Send,
-        ex: Exchange,
-        req: UpstreamRequest,
-        headers: dict[bytes, bytes],
-        ident: Identity,
-        deadlines: Deadlines,
-        exchange: Callable[..., Awaitable[None]],
-    ) -> None:
-        lk = ex.cache_plan
+    @asynccontextmanager
+    async def open(self, req: UpstreamRequest, ctx: RequestContext) -> AsyncIterator[UpstreamResponse]:
+        """The response for a request the cache could not answer (``hit`` came first)."""
+        lk: Lookup | None = ctx.lookup
         if lk is None:
-            await exchange(send, ex, req, ident, deadlines)
+            async with self.inner.open(req, ctx) as resp:
+                if ctx.path == CACHED_ROUTE:
+                    resp.served.cache = "bypass"
+                yield resp
             return
         if self.coalescer is not None:
-            await exchange(send, ex, req, ident, deadlines, opener=self._joiner(lk, headers))
+            async with self._join(lk, req, ctx) as resp:
+                yield resp
             return
         self.counts["misses"] += 1
-        ex.extra_headers.append(_MISS)
-        chunks: list[bytes] = []
-        head: list[Any] = []
-
-        @asynccontextmanager
-        async def recording(req: UpstreamRequest, **kw: Any) -> AsyncIterator[UpstreamResponse]:
-            async with self._open_upstream(req, **kw) as resp:
-                head.append(resp)
-                yield resp
-
-        await exchange(send, ex, req, ident, deadlines, opener=recording, tee=chunks.append)
-        if head and lk.write and ex.outcome == "" and not ex.error:
-            self._store(lk, head[0].status, head[0].headers, chunks, ex.model)
-
-    async def _send_entry(self, send: Send, ex: Exchange, entry: Entry) -> None:
-        try:
-            status, headers, body = replay(entry, ex.stream)
-        except (ValueError, KeyError, TypeError) as exc:
-            # A stored entry that cannot be converted to the form asked for:
-            # nothing a client can fix, and rare enough to be a bug report.
-            raise ProxyError(500, f"cached entry could not be replayed: {exc}", "api_error") from None
-        ex.status = status
-        ex.is_sse = ex.stream
-        await send({"type": "http.response.start", "status": status, "headers": headers + ex.weir_headers()})
-        ex.head_sent = True
-        ex.bytes_out += len(body)
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        async with self.inner.open(req, ctx) as resp:
+            resp.served.cache = "miss"
+            recorder = _Recording(resp)
+            yield recorder
+        if recorder.whole and lk.write:
+            self._store(lk, resp.status, resp.headers, recorder.chunks, ctx.model)
 
     def _store(self, lk: Lookup, status: int, headers: list[tuple[bytes, bytes]], chunks: list[bytes], model: str, ttl: float | None = None) -> bool:
         entry = build_entry(status, headers, chunks, now=self._wall(), ttl=lk.ttl if ttl is None else ttl,
@@ -333,70 +344,70 @@ class CacheStage:
 
     # -- coalescing ------------------------------------------------------
 
-    def _joiner(self, lk: Lookup, client_headers: Mapping[bytes, bytes]) -> Opener:
-        """An opener for ``_exchange`` that subscribes to the key's flight."""
+    @asynccontextmanager
+    async def _join(self, lk: Lookup, req: UpstreamRequest, ctx: RequestContext) -> AsyncIterator[UpstreamResponse]:
+        """Subscribe to the key's flight, starting it if none is up.
 
-        @asynccontextmanager
-        async def join(req: UpstreamRequest, *, ident: Identity, ex: Exchange, deadlines: Deadlines) -> AsyncIterator[UpstreamResponse]:
-            fkey = lk.key + (":s" if req.stream else ":j")
+        A request that may not read the cache (``no-cache``) only shares a
+        flight with others like it: every flight of that key goes upstream,
+        never to another worker's stored entry.
+        """
+        fkey = lk.key + (":s" if req.stream else ":j") + ("" if lk.read else ":fresh")
 
-            async def fetch(flight: Flight) -> None:
-                await self._fly(flight, lk, req, ident, deadlines)
+        async def fetch(flight: Flight) -> None:
+            await self._fly(flight, lk, req, ctx)
 
-            assert self.coalescer is not None
-            async with self.coalescer.subscribe(fkey, fetch, deadline=deadlines.total, limit=self.settings.max_entry_bytes) as (resp, flight, leader):
-                # Any subscriber that wants the reply stored gets it stored, for
-                # the shortest lifetime any of them asked for.
-                if lk.write:
-                    flight.ttl = lk.ttl if not flight.write else min(flight.ttl, lk.ttl)
-                    flight.write = True
-                tag = len(ex.extra_headers)
-                ex.extra_headers.append(_MISS if leader else _COALESCED)
-                if ex.span is not None:
-                    if leader:
-                        flight.span = ex.span
-                    elif flight.span is not None:
-                        ex.span.add_link(flight.span.get_span_context(), {"weir.link": "coalesced_leader"})
-                await resp.wait_head()
-                if flight.from_cache or not leader:
-                    ex.extra_headers[tag] = _COALESCED
-                    self.counts["coalesced"] += 1
-                else:
-                    self.counts["misses"] += 1
-                ex.target = flight.target
-                yield resp
+        assert self.coalescer is not None
+        async with self.coalescer.subscribe(fkey, fetch, deadline=ctx.deadlines.total, limit=self.settings.max_entry_bytes) as (resp, flight, leader):
+            # Any subscriber that wants the reply stored gets it stored, for
+            # the shortest lifetime any of them asked for.
+            if lk.write:
+                flight.ttl = lk.ttl if not flight.write else min(flight.ttl, lk.ttl)
+                flight.write = True
+            span = ctx.span
+            if span is not None:
+                if leader:
+                    flight.span = span
+                elif flight.span is not None:
+                    span.add_link(flight.span.get_span_context(), {"weir.link": "coalesced_leader"})
+            await resp.wait_head()
+            if flight.from_cache or not leader:
+                resp.served.cache = "coalesced"
+                self.counts["coalesced"] += 1
+            else:
+                resp.served.cache = "miss"
+                self.counts["misses"] += 1
+            yield resp
 
-        return join
-
-    async def _fly(self, flight: Flight, lk: Lookup, req: UpstreamRequest, ident: Identity, deadlines: Deadlines) -> None:
+    async def _fly(self, flight: Flight, lk: Lookup, req: UpstreamRequest, ctx: RequestContext) -> None:
         """The body of a flight: claim the key across workers, or wait for the
-        worker that holds it; else call upstream, record, store."""
+        worker that holds it; else call upstream, record, store.
+
+        ``ctx`` is the leader's: the flight's router call is judged by its
+        deadlines, whoever is still reading.
+        """
         s = self.settings
         claimed = True
         stored = False
         if self._has_l2:
             claimed = await self.tiered.claim(lk.key, s.lease_s)
         try:
-            if not claimed:
+            if not claimed and lk.read:
                 self.counts["lease_waits"] += 1
-                remaining = deadlines.total - trio.current_time()
+                remaining = ctx.deadlines.total - trio.current_time()
                 entry = await self.tiered.wait_filled(lk.key, poll=s.lease_poll_s, timeout=max(0.0, min(s.lease_s, remaining)))
                 if entry is not None:
                     self.counts["lease_fills"] += 1
                     status, headers, body = replay(entry, req.stream)
                     flight.from_cache = True
-                    flight.start(status, headers, "cache")
+                    flight.start(status, headers)
                     flight.push(body)
                     flight.finish()
                     return
-            fex = Exchange(request_id="flight", started=time.perf_counter(), model=req.model, stream=req.stream)
-            async with self._open_upstream(req, ident=ident, ex=fex, deadlines=deadlines) as resp:
-                # Past the head: the router must now let stream failures through
-                # as UpstreamError, as it does for a request that sent its head.
-                fex.head_sent = True
-                flight.start(resp.status, resp.headers, fex.target)
+            async with self.inner.open(req, ctx) as resp:
+                flight.start(resp.status, resp.headers, resp.served)
                 if resp.status >= 400:
-                    flight.push(await resp.read(_ERROR_BODY_LIMIT))
+                    flight.push(await resp.read(ERROR_BODY_LIMIT))
                 else:
                     async for chunk in resp.aiter():
                         flight.push(chunk)
@@ -434,16 +445,14 @@ class CacheStage:
         return await self.tiered.purge(None if tenant is None else tenant_tag(tenant))
 
 
-# Error bodies are read whole for every subscriber; a real one is < 1 KiB.
-_ERROR_BODY_LIMIT = 64 * 1024
 
 
 async def serve_cache(
     settings: CacheSettings,
-    open_upstream: Opener,
+    inner: Opener,
     sqlite_path: str,
     *,
-    task_status: trio.TaskStatus[CacheStage] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[CacheLayer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Own the cache's L2 connection and background work for the app's lifetime.
 
@@ -466,7 +475,7 @@ async def serve_cache(
             async with trio.open_nursery() as nursery:
                 l1 = L1Cache(max_bytes=settings.l1_max_bytes, default_ttl=settings.ttl_s, timer=trio.current_time)
                 tiered = TieredCache(l1, l2, nursery=nursery, log=log)
-                stage = CacheStage(settings, tiered, open_upstream=open_upstream, nursery=nursery, has_l2=l2 is not None)
+                stage = CacheLayer(settings, tiered, inner=inner, nursery=nursery, has_l2=l2 is not None)
                 task_status.started(stage)
                 await trio.sleep_forever()
         finally:

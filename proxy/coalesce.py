@@ -25,7 +25,7 @@ What subscribers see mirrors a direct call:
 
 A subscriber that joins late, or falls behind, gets everything it has not
 seen yet joined into one chunk: one ASGI send instead of one per upstream
-read (ARCHITECTURE.md: each send costs ~0.1 ms on Hypercorn's trio worker).
+read (docs/ARCHITECTURE.md: each send costs ~0.1 ms on Hypercorn's trio worker).
 
 A flight keeps every chunk, because a subscriber may join at any time and
 must start from byte 0 — up to ``limit`` bytes (the largest reply the cache
@@ -40,8 +40,10 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import msgspec
 import trio
 
+from .context import Served
 from .errors import ProxyError
 from .upstream.base import UpstreamError, read_up_to
 
@@ -60,7 +62,7 @@ class Flight:
 
     __slots__ = (
         "key", "status", "headers", "chunks", "base", "size", "limit", "sealed", "readers", "done", "complete",
-        "error", "failure", "subscribers", "scope", "target", "from_cache", "write", "ttl", "_changed", "span",
+        "error", "failure", "subscribers", "scope", "served", "from_cache", "write", "ttl", "_changed", "span",
     )
 
     def __init__(self, key: str, deadline: float, limit: int | None = None) -> None:
@@ -82,12 +84,13 @@ class Flight:
         # enforce their own deadlines on top; this one only stops a flight
         # nobody cancelled from outliving every request that could want it.
         self.scope = trio.CancelScope(deadline=deadline)
-        self.target = ""
+        self.served = Served()  # who answered the shared call (its router's record)
         self.from_cache = False  # answered by another worker's entry (L2 lease)
-        # Cache intentions merged over subscribers (see caching.CacheStage).
+        # Cache intentions merged over subscribers (see caching.CacheLayer).
         self.write = False
         self.ttl = 0.0
         self._changed = trio.Event()
+        self.span = None  # the leader's trace span (proxy/tracing.py), which followers link to
 
     # -- producer side ---------------------------------------------------
 
@@ -95,8 +98,10 @@ class Flight:
         changed, self._changed = self._changed, trio.Event()
         changed.set()
 
-    def start(self, status: int, headers: list[tuple[bytes, bytes]], target: str = "") -> None:
-        self.status, self.headers, self.target = status, headers, target
+    def start(self, status: int, headers: list[tuple[bytes, bytes]], served: Served | None = None) -> None:
+        self.status, self.headers = status, headers
+        if served is not None:
+            self.served = served
         self._wake()
 
     def push(self, chunk: bytes) -> None:
@@ -141,14 +146,23 @@ class Flight:
 class FlightResponse:
     """A subscriber's view of a flight, shaped like ``UpstreamResponse``."""
 
-    __slots__ = ("_flight", "status", "headers", "seen")
+    __slots__ = ("_flight", "status", "headers", "_served", "seen")
 
     def __init__(self, flight: Flight) -> None:
         self._flight = flight
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        self._served = Served()  # a copy of the flight's, once the head is known
         self.seen = 0  # absolute chunk index this reader has reached
+
         flight.readers.append(self)
+
+    @property
+    def served(self) -> Served:
+        """The flight's record, with this subscriber's cache outcome; the
+        breaker's verdict is the shared call's, once it closed."""
+        self._served.verdict = self._flight.served.verdict
+        return self._served
 
     async def wait_head(self) -> None:
         f = self._flight
@@ -159,6 +173,7 @@ class FlightResponse:
                 raise ProxyError(502, "the shared upstream call ended without a response", "api_error")
             await f.changed()
         self.status, self.headers = f.status, f.headers
+        self._served = msgspec.structs.replace(f.served)
 
     async def aiter(self) -> AsyncIterator[bytes]:
         f = self._flight
@@ -191,9 +206,6 @@ class Coalescer:
         self._nursery = nursery
         self._flights: dict[str, Flight] = {}
         self.flights_started = 0
-
-    def in_flight(self, key: str) -> Flight | None:
-        return self._flights.get(key)
 
     @asynccontextmanager
     async def subscribe(

@@ -8,6 +8,8 @@ raise against the real API.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 __all__ = ["ProxyError", "error_body", "error_event", "STATUS_FOR_TYPE", "TYPE_FOR_STATUS"]
@@ -82,6 +84,10 @@ class ProxyError(Exception):
     ``retry-after``.
     """
 
+    # Who was tried, when the router gave up (a ``proxy.context.Served``): the
+    # request's Outcome records it; the client is not told.
+    served: Any = None
+
     def __init__(
         self,
         status: int,
@@ -97,3 +103,28 @@ class ProxyError(Exception):
 
     def body(self) -> bytes:
         return error_body(self.type, self.message)
+
+
+def upstream_failure(exc: Any, target: str) -> ProxyError:
+    """A failed upstream call (a ``proxy.upstream.UpstreamError``) as the client's answer."""
+    if exc.kind == "connect":
+        return ProxyError(502, f"upstream {target} is unreachable: {exc.message}", "api_error")
+    if exc.kind == "timeout":
+        return ProxyError(504, f"upstream {target} timed out: {exc.message}", "timeout_error")
+    return ProxyError(502, f"upstream {target} failed: {exc.message}", "api_error")
+
+
+class _ErrorShape(msgspec.Struct):
+    type: str
+    error: dict[str, Any]
+
+
+_error_shape = msgspec.json.Decoder(_ErrorShape)
+
+
+def is_anthropic_error(body: bytes) -> bool:
+    try:
+        shaped = _error_shape.decode(body)
+    except msgspec.MsgspecError:
+        return False
+    return shaped.type == "error" and isinstance(shaped.error.get("type"), str) and isinstance(shaped.error.get("message"), str)

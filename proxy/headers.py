@@ -2,7 +2,7 @@
 
 Everything a client sends goes upstream — ``anthropic-*`` headers, the SDK's
 ``x-stainless-*`` telemetry, headers that do not exist yet — except the
-hop-by-hop ones (RFC 9110 §7.6.1), the ones httpx recomputes, and Weir's own
+hop-by-hop ones (RFC 9110 §7.6.1), the ones the upstream leg recomputes, and Weir's own
 ``x-weir-*`` controls. Credentials go upstream only in passthrough mode.
 """
 
@@ -28,7 +28,7 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Recomputed for the upstream leg: host and length by httpx; encoding is
+# Recomputed for the upstream leg: host and length by the pool (h11); encoding is
 # fixed to identity so Weir can read what it must (cache, translation, usage)
 # without inflating — LLM replies are small next to their latency.
 _REQUEST_RECOMPUTED = frozenset({b"host", b"content-length", b"accept-encoding", b"expect"})
@@ -36,13 +36,8 @@ _CREDENTIALS = frozenset({b"x-api-key", b"authorization"})
 _IDENTITY = (b"accept-encoding", b"identity")
 
 
-def upstream_request_headers(
-    client_headers: list[tuple[bytes, bytes]],
-    *,
-    forward_credentials: bool,
-    credentials: list[tuple[bytes, bytes]],
-    extra: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
-) -> list[tuple[bytes, bytes]]:
+def upstream_request_headers(client_headers: list[tuple[bytes, bytes]], *, forward_credentials: bool) -> list[tuple[bytes, bytes]]:
+    """The client's headers for the upstream leg; the target adds its own credentials."""
     out = [_IDENTITY]
     for name, value in client_headers:
         if name in HOP_BY_HOP or name in _REQUEST_RECOMPUTED or name[:7] == b"x-weir-":
@@ -50,8 +45,6 @@ def upstream_request_headers(
         if name in _CREDENTIALS and not forward_credentials:
             continue
         out.append((name, value))
-    out.extend(credentials)
-    out.extend(extra)
     return out
 
 
@@ -60,10 +53,18 @@ def client_response_headers(upstream_headers: list[tuple[bytes, bytes]], *, drop
 
     With Weir's own rate limits on, the upstream's ``anthropic-ratelimit-*``
     describe Weir's key, not the client's budget: Weir reports its own instead.
+    The upstream's own ``x-request-id`` (OpenAI-compatible servers send one)
+    travels as ``x-upstream-request-id``: ``x-request-id`` is Weir's, and a
+    response must not carry two.
     """
-    if drop_ratelimit:
-        return [(n, v) for n, v in upstream_headers if n not in HOP_BY_HOP and not n.startswith(b"anthropic-ratelimit-")]
-    return [(n, v) for n, v in upstream_headers if n not in HOP_BY_HOP]
+    out = []
+    for n, v in upstream_headers:
+        if n in HOP_BY_HOP or (drop_ratelimit and n[:20] == b"anthropic-ratelimit-"):
+            continue
+        if n == b"x-request-id":
+            n = b"x-upstream-request-id"
+        out.append((n, v))
+    return out
 
 
 # A random per-process prefix and a counter: unique across workers and

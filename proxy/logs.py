@@ -96,9 +96,11 @@ class AccessRecord(msgspec.Struct):
     tenant: str
     model: str
     stream: bool
+    project: str
     target: str
     outcome: str
     error: str | None
+    cache: str | None
     duration_ms: float
     upstream_ms: float
     bytes_out: int

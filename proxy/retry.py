@@ -134,7 +134,7 @@ class RetryPolicy:
         outcome: Outcome,
         now: float,
         deadline: float | None,
-        first_byte_sent: bool,
+        first_byte_sent: bool = False,  # the router asks only before any byte reached the client
     ) -> Decision:
         """What to do after attempt number ``attempt`` (0 for the first try) failed with ``outcome``."""
         c = self._config

@@ -6,7 +6,7 @@ scheduler. For each target of the chain, in order:
 1. breaker open → skip it at once, without connecting;
 2. every key cooling (429) or disabled (401/403) → remember why, move on;
 3. wait for a scheduler slot (the only queue in front of the HTTP client:
-   ARCHITECTURE.md measured httpx collapsing with waiters of its own);
+   a pool with waiters of its own collapses, docs/ARCHITECTURE.md);
 4. send through the adapter (``proxy.upstream.adapters``) and classify what
    came back: connect error, timeout, reset before the head, or a status;
 5. tell the breaker and the key pool (the pool on every response, successes
@@ -42,28 +42,26 @@ from typing import Any
 
 import trio
 
-from .auth import Identity
 from .breaker import CircuitBreaker
-from .errors import ProxyError
+from .context import Deadlines, RequestContext, Served
+from .errors import ProxyError, is_anthropic_error, upstream_failure
 from .keypool import KeyPool, Lease
 from .metrics import Metrics
 from .tracing import Tracing
-from .relay import Deadlines, Exchange, is_anthropic_error, upstream_failure
-from .retry import Decision, GiveUp, Outcome, RetryPolicy, retry_after_from_headers
+from .retry import Decision, GiveUp, RetryPolicy, retry_after_from_headers
+from .retry import Outcome as AttemptOutcome
 from .scheduler import FifoSemaphoreScheduler, Overloaded, PaceBudget, Scheduler
 from .settings import Settings
 from .upstream import Target, UpstreamError, UpstreamRequest, UpstreamResponse
 from .upstream.adapters import prepare, wrap
+from .upstream.base import ERROR_BODY_LIMIT, read_up_to
 from .usage import estimate_input_tokens
 
 __all__ = ["Router", "Lane"]
 
-_PRIORITIES = ("interactive", "batch")  # highest first, as the scheduler orders them
 _GLOB = frozenset("*?[")
 # Paths routed by the requested model; every other API path is an endpoint of Anthropic's own.
 _BY_MODEL = frozenset(("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions"))
-# Error bodies read to build the final answer after a failover; a real one is < 1 KiB.
-_ERROR_LIMIT = 64 * 1024
 
 # How much a failure explains the final answer when every target failed,
 # most telling first: an upstream's own error response, then "your keys are
@@ -128,7 +126,15 @@ class _Failures:
 
 
 class Router:
-    def __init__(self, settings: Settings, targets: list[Target], *, random: Callable[[], float] = _random.random, metrics: Metrics | None = None, tracing: Tracing | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        targets: list[Target],
+        *,
+        random: Callable[[], float] = _random.random,
+        metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.tracing = tracing
@@ -186,15 +192,15 @@ class Router:
         first = self.lanes[0]
         return [(first, first.target.settings.model)]
 
-    def resolve_request(self, req: UpstreamRequest) -> list[tuple[Lane, str]]:
+    def resolve_request(self, req: UpstreamRequest, kind: str = "main") -> list[tuple[Lane, str]]:
         """The chain for ``req``: by model and kind for a generation, and for an
         endpoint only Anthropic has (batches, files, skills…) its Anthropic-kind
         targets in configuration order — or, with none, the model's chain,
         whose target answers 404 for what it has no equivalent of."""
         if req.path in _BY_MODEL or req.path.startswith("/v1/models"):
-            return self.resolve(req.model, req.kind)
+            return self.resolve(req.model, kind)
         chain = [(lane, "") for lane in self.lanes if lane.target.kind == "anthropic"]
-        return chain or self.resolve(req.model, req.kind)
+        return chain or self.resolve(req.model, kind)
 
     def usable(self, now: float) -> bool:
         """False when every target's breaker is open: /ready says 503."""
@@ -203,33 +209,39 @@ class Router:
     # ------------------------------------------------------------ the call
 
     @asynccontextmanager
-    async def open(self, req: UpstreamRequest, *, ident: Identity, ex: Exchange, deadlines: Deadlines) -> AsyncIterator[UpstreamResponse]:
+    async def open(self, req: UpstreamRequest, ctx: RequestContext) -> AsyncIterator[UpstreamResponse]:
         """Yield the upstream response once its head arrived (any status).
 
         Raises ``ProxyError`` when no target could produce a response head.
-        Runs inside the caller's deadline scope.
+        Runs inside the caller's deadline scope. The response's ``served``
+        says who answered; its ``verdict`` is set when the block ends.
         """
         async with AsyncExitStack() as held:
-            resp = await self._acquire(req, ident, ex, deadlines, held)
+            resp = await self._acquire(req, ctx, held)
             yield resp
 
-    async def _acquire(self, req: UpstreamRequest, ident: Identity, ex: Exchange, deadlines: Deadlines, held: AsyncExitStack) -> UpstreamResponse:
-        head_deadline = min(trio.current_time() + deadlines.first_byte_s, deadlines.total)
-        chain = self.resolve_request(req)
+    async def _acquire(self, req: UpstreamRequest, ctx: RequestContext, held: AsyncExitStack) -> UpstreamResponse:
+        d = ctx.deadlines
+        head_deadline = min(trio.current_time() + d.first_byte_s, d.total)
+        chain = self.resolve_request(req, ctx.kind)
         failures = _Failures()
+        served = Served()
         for i, (lane, model) in enumerate(chain):
-            resp = await self._try_lane(lane, model, req, ident, ex, head_deadline, held, failures, last=i == len(chain) - 1)
+            served.failover_index = i
+            resp = await self._try_lane(lane, model, req, ctx, served, head_deadline, held, failures, last=i == len(chain) - 1)
             if resp is not None:
                 return resp
-        raise failures.final()
+        err = failures.final()
+        err.served = served
+        raise err
 
     async def _try_lane(
         self,
         lane: Lane,
         model: str,
         req: UpstreamRequest,
-        ident: Identity,
-        ex: Exchange,
+        ctx: RequestContext,
+        served: Served,
         head_deadline: float,
         held: AsyncExitStack,
         failures: _Failures,
@@ -239,14 +251,17 @@ class Router:
         """One target: its attempts and retries. None means "try the next target"."""
         label = f"{lane.name}:{model}" if model else lane.name
         leg = prepare(req, kind=lane.target.kind, model=model)  # ProxyError(400): no target can help
+        if leg.local is not None:
+            # Answered by the adapter itself (count_tokens on a target without a counter).
+            served.target, served.model = label, model
+            return _Routed(leg.local, served, ctx.deadlines, head_deadline)
         # The target's own keys win whenever it has some (the quick start's
         # --upstream-key-env with no client keys); the client's credentials are
         # forwarded only to a target that has none.
         pool = lane.keys
-        if pool is not None and ident.passthrough:
+        if pool is not None and ctx.passthrough:
             # A copy: ``req`` is shared with the other targets of the chain (and a flight's followers).
             leg.request = dataclasses.replace(leg.request, headers=[(n, v) for n, v in leg.request.headers if n not in (b"x-api-key", b"authorization")])
-        priority = req.priority if req.priority in _PRIORITIES else "interactive"
         attempt = 0
         key_switches = 0
         while True:
@@ -274,20 +289,24 @@ class Router:
                 async with AsyncExitStack() as stack:
                     queued = time.perf_counter()
                     try:
-                        slot = lane.scheduler.slot(tenant=ident.tenant, priority=priority, deadline=head_deadline, tokens=estimate_input_tokens(leg.request.body))
+                        slot = lane.scheduler.slot(tenant=ctx.tenant, priority=ctx.priority, deadline=head_deadline, tokens=estimate_input_tokens(leg.request.body))
                         if self.tracing is None:
                             ticket = await stack.enter_async_context(slot)
                         else:
-                            with self.tracing.child("weir.queue_wait", {"weir.target": lane.name, "weir.priority": priority}):
+                            with self.tracing.child("weir.queue_wait", {"weir.target": lane.name, "weir.priority": ctx.priority}):
                                 ticket = await stack.enter_async_context(slot)
                     except Overloaded as exc:
                         if self.metrics is not None:
                             self.metrics.shed_one(lane.name, exc.reason)
                         failures.note(_RANK_SHED, exc)
                         return None
+                    served.queue_wait_s = time.perf_counter() - queued
                     if self.metrics is not None:
-                        self.metrics.waited(lane.name, priority, time.perf_counter() - queued)
-                    ex.target = label
+                        self.metrics.waited(lane.name, ctx.priority, served.queue_wait_s)
+                    served.target, served.model = label, model
+                    served.key_id = lease.key_id if lease is not None else None
+                    served.dropped = leg.dropped
+                    served.attempts += 1
                     request = leg.request
                     span = None
                     if self.tracing is not None:
@@ -323,6 +342,7 @@ class Router:
                             # (a client hanging up is not). The caller answers 504.
                             lane.breaker.record(permit, False, trio.current_time())
                             permit = None
+                            served.verdict = "failure"
                             if self.metrics is not None:
                                 self.metrics.attempt(lane.name, "timeout")
                         if span is not None:
@@ -338,7 +358,7 @@ class Router:
                         lane.breaker.record(permit, False, now)
                         permit = None
                         kind = error.kind if error.kind in ("connect", "timeout", "reset") else "reset"
-                        outcome = Outcome(kind)  # type: ignore[arg-type]
+                        outcome = AttemptOutcome(kind)  # type: ignore[arg-type]
                         failures.note(_RANK_UNREACHABLE, upstream_failure(error, label))
                         if (kind == "connect" or try_expired) and not last:
                             return None  # a refused or stuck target: the next one, now
@@ -353,18 +373,21 @@ class Router:
                         lane.scheduler.report(ticket, status, retry_after_from_headers(headers, time.time()) if status == 429 else None)
                         if status < 400:
                             # A good head is not yet a good answer: the stream
-                            # behind it may still break. Judged when it ends.
-                            judged, permit = permit, None
-                            held.push_async_exit(_verdict(lane, judged, ex))
-                            return await self._deliver(ex, label, resp, stack, held, leg.dropped)
+                            # behind it may still break. Judged when it closes.
+                            routed = _Routed(resp, served, ctx.deadlines, head_deadline)
+                            held.push_async_exit(_judge(lane, permit, routed))
+                            permit = None
+                            await held.enter_async_context(stack.pop_all())
+                            return routed
                         # 5xx and 529 blame the target; 4xx (429 included) blame the request or a key.
                         lane.breaker.record(permit, status < 500, now)
+                        served.verdict = "success" if status < 500 else "failure"
                         permit = None
                         if status == 429 and pool is not None and key_switches < len(pool.key_ids) - 1 and pool.soonest_available(now) == 0.0:
                             key_switches += 1  # another key has capacity: use it now
                             continue
                         should = headers.get("x-should-retry")
-                        outcome = Outcome(
+                        outcome = AttemptOutcome(
                             "status",
                             status,
                             retry_after_from_headers(headers, time.time()),
@@ -375,16 +398,17 @@ class Router:
                             # itself, and waiting here too would stack the two waits.
                             decision: Decision = GiveUp("not_retryable", failover=True)
                         else:
-                            decision = self.retry.decide(attempt=attempt, outcome=outcome, now=now, deadline=head_deadline, first_byte_sent=ex.head_sent)
+                            decision = self.retry.decide(attempt=attempt, outcome=outcome, now=now, deadline=head_deadline)
                         if isinstance(decision, GiveUp) and (not decision.failover or last):
-                            return await self._deliver(ex, label, resp, stack, held, leg.dropped)
+                            await held.enter_async_context(stack.pop_all())
+                            return _Routed(resp, served, ctx.deadlines, head_deadline)
                         if isinstance(decision, GiveUp):
                             failures.note(_RANK_RESPONSE, await _error_of(resp))
                             return None
                         delay = decision.delay_s
                         attempt += 1
                     if error is not None:
-                        decision = self.retry.decide(attempt=attempt, outcome=outcome, now=now, deadline=head_deadline, first_byte_sent=ex.head_sent)
+                        decision = self.retry.decide(attempt=attempt, outcome=outcome, now=now, deadline=head_deadline)
                         if isinstance(decision, GiveUp):
                             return None
                         delay = decision.delay_s
@@ -399,39 +423,72 @@ class Router:
             if delay > 0:
                 await trio.sleep(delay)
 
-    async def _deliver(
-        self, ex: Exchange, label: str, resp: UpstreamResponse, stack: AsyncExitStack, held: AsyncExitStack, dropped: tuple[str, ...]
-    ) -> UpstreamResponse:
-        """Hand the response — and the slot and connection it holds — to the caller."""
-        ex.target = label
-        ex.extra_headers.append((b"x-weir-target", label.encode()))
-        if dropped:  # what the translation for this target could not carry: said, never silent
-            ex.dropped = dropped
-            ex.extra_headers.append((b"x-weir-dropped", ",".join(dropped).encode()))
-        await held.enter_async_context(stack.pop_all())
-        return resp
 
+class _Routed:
+    """The response a target gave, as the router hands it up.
 
-def _verdict(lane: Lane, permit: Any, ex: Exchange) -> Callable[..., Any]:
-    """The breaker's verdict on a response, taken when its body ends.
-
-    A body that broke (an ``UpstreamError`` out of the consumer, or a stream
-    the relay ended with an error event) or that stalled past the request's
-    deadline is the target's failure. A cancellation before that deadline —
-    the client hung up, a coalesced flight lost its last subscriber — says
-    nothing about the target: the permit is released without a verdict.
+    It watches its own body, so the breaker's verdict needs nothing from the
+    layers above: a body that broke (``UpstreamError``) is a failure, a body
+    read to its end a success; a cancellation is a failure only when the
+    body had stalled — no byte for ``idle_s`` (before the first byte, past
+    the first-byte deadline), or the total deadline passed. That holds
+    whoever reads the body: a client's relay, or a coalesced flight that
+    has no client of its own.
     """
+
+    __slots__ = ("status", "headers", "served", "_raw", "_deadlines", "_head_deadline", "_last", "ended")
+
+    def __init__(self, raw: UpstreamResponse, served: Served, deadlines: Deadlines, head_deadline: float) -> None:
+        self.status = raw.status
+        self.headers = raw.headers
+        self.served = served
+        self._raw = raw
+        self._deadlines = deadlines
+        self._head_deadline = head_deadline
+        self._last: float | None = None  # trio time of the last body read
+        self.ended: bool | None = None  # True: read to the end; False: broke
+
+    async def aiter(self) -> AsyncIterator[bytes]:
+        now = trio.current_time
+        try:
+            async for chunk in self._raw.aiter():
+                self._last = now()
+                yield chunk
+        except UpstreamError:
+            self.ended = False
+            raise
+        self.ended = True
+
+    async def read(self, limit: int) -> bytes:
+        return await read_up_to(self.aiter(), limit)
+
+    def stalled(self, now: float) -> bool:
+        if now >= self._deadlines.total:
+            return True
+        if self._last is None:
+            return now >= self._head_deadline
+        return now >= self._last + self._deadlines.idle_s
+
+
+def _judge(lane: Lane, permit: Any, resp: _Routed) -> Callable[..., Any]:
+    """The breaker's verdict on a good head's response, taken when it closes."""
 
     async def judge(exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
         now = trio.current_time()
-        if exc_type is None:
-            lane.breaker.record(permit, not ex.error.startswith("upstream_"), now)
-        elif issubclass(exc_type, UpstreamError):
-            lane.breaker.record(permit, False, now)
-        elif issubclass(exc_type, trio.Cancelled) and ex.deadline_scope is not None and now >= ex.deadline_scope.deadline:
-            lane.breaker.record(permit, False, now)
+        if resp.ended is False or (exc_type is not None and issubclass(exc_type, UpstreamError)):
+            ok: bool | None = False
+        elif resp.ended or exc_type is None:
+            ok = True
+        elif issubclass(exc_type, trio.Cancelled) and resp.stalled(now):
+            ok = False
         else:
+            ok = None  # the client left, or a flight lost its last subscriber: no verdict
+        if ok is None:
             lane.breaker.release(permit, now)
+            resp.served.verdict = "released"
+        else:
+            lane.breaker.record(permit, ok, now)
+            resp.served.verdict = "success" if ok else "failure"
         return False  # never swallow what ended the body
 
     return judge
@@ -466,7 +523,7 @@ def _header_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
 
 async def _error_of(resp: UpstreamResponse) -> ProxyError:
     """An upstream error response we will not relay (a later target may do better), kept as an answer."""
-    body = await resp.read(_ERROR_LIMIT)
+    body = await resp.read(ERROR_BODY_LIMIT)
     headers = [(n, v) for n, v in resp.headers if n in (b"retry-after", b"retry-after-ms", b"request-id", b"x-request-id")]
     if is_anthropic_error(body):
         import json

@@ -3,9 +3,9 @@
 One global semaphore lets a long request hold the line for short ones and lets
 one heavy client fill every slot. This module replaces it with a fair queue per
 upstream target, and it is the *only* queue on the path: the concurrency cap is
-the target's connection budget, so httpx never holds waiters of its own
-(ARCHITECTURE.md: httpcore's pool scans grow with waiters, and 500 queued
-requests under default limits end in PoolTimeout).
+the target's connection budget, so the connection pool never holds waiters of
+its own (docs/ARCHITECTURE.md: httpcore's pool scans grew with waiters, and 500
+queued requests under its default limits ended in PoolTimeout).
 
 Two layers, h11-style:
 

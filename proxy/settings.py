@@ -112,9 +112,10 @@ class UpstreamSettings(_Base):
     api_keys: list[str] = []
     # Names of environment variables holding keys; kept out of config files.
     api_key_envs: list[str] = []
-    # The connection budget: httpx's pool size and the in-flight cap in front
-    # of it, so httpx never queues waiters (ARCHITECTURE.md: 64 in flight on
-    # one client collapses to ~350 req/s; capped at the pool it holds ~1,000).
+    # The connection budget: the pool's size and the in-flight cap in front
+    # of it, so the pool never queues waiters (docs/ARCHITECTURE.md: 64 in
+    # flight on one httpx client collapsed to ~350 req/s; capped at the pool
+    # it held ~1,000).
     max_connections: int = 64
     # Extra headers sent upstream (e.g. OpenRouter's HTTP-Referer).
     headers: dict[str, str] = {}

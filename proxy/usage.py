@@ -12,19 +12,21 @@ import msgspec
 
 from .sse import SSEParser
 
-__all__ = ["UsageMeter", "estimate_input_tokens"]
+__all__ = ["UsageMeter", "estimate_input_tokens", "CHARS_PER_TOKEN"]
 
-# English text and JSON run ~4 bytes per token with Claude's tokenizer
-# (Anthropic's own rule of thumb); a Messages body is mostly that. The
-# estimate only has to be fair until the real usage corrects it.
-_BYTES_PER_TOKEN = 4
+# English text and JSON run ~4 characters per token, by Anthropic's and
+# OpenAI's own rules of thumb. Every token estimate in Weir uses this one
+# figure: rate-limit admission (bytes of the body), count_tokens for targets
+# that have none, output tokens of a stream that sent no usage. It only has
+# to be fair until the real usage corrects it.
+CHARS_PER_TOKEN = 4
 # A usage object is at the end of a non-streamed body; bodies are small, but
 # a pathological one is not worth buffering past this.
 _BODY_LIMIT = 4 * 1024 * 1024
 
 
 def estimate_input_tokens(body: bytes) -> int:
-    return max(1, len(body) // _BYTES_PER_TOKEN)
+    return max(1, len(body) // CHARS_PER_TOKEN)
 
 
 class _Usage(msgspec.Struct):
@@ -98,8 +100,8 @@ class UsageMeter:
         else:  # message_start, or OpenAI's final usage chunk
             self.input, self.output = usage.counts()
 
-    @property
-    def tokens(self) -> int:
+    def counts(self) -> tuple[int, int]:
+        """(input, output) tokens, once the reply has been fed whole."""
         if self._parser is None and self._parts:
             try:
                 usage = _body.decode(b"".join(self._parts)).usage
@@ -108,4 +110,9 @@ class UsageMeter:
             self._parts = []
             if usage is not None:
                 self.input, self.output = usage.counts()
-        return self.input + self.output
+        return self.input, self.output
+
+    @property
+    def tokens(self) -> int:
+        i, o = self.counts()
+        return i + o

@@ -377,6 +377,21 @@ async def test_a_stream_that_breaks_after_its_head_counts_against_the_breaker(au
     assert primary.calls == 1
 
 
+async def test_a_coalesced_stream_that_stalls_counts_against_the_breaker(autojump_clock: trio.testing.MockClock) -> None:
+    """A cacheable request goes upstream through a coalesced flight, which has no
+    request of its own: its stall must still count against the target, as the
+    same stall does for a request that is not coalesced (the test above)."""
+    async with running_mock() as (primary, p_url), running_mock() as (fallback, f_url):
+        async with running_weir(_chain(p_url, f_url, deadlines={"idle_s": 20})) as weir:
+            async with httpx.AsyncClient(base_url=weir.url, headers=KEY, timeout=None) as c:
+                first = await c.post("/v1/messages", content=body(stream=True, temperature=0), headers={"x-mock-fault": "hang_after=3"})
+                assert first.status_code == 200 and b"event: error" in first.content
+                assert first.headers["x-weir-cache"] == "miss"
+                second = await c.post("/v1/messages", content=body())
+    assert second.headers["x-weir-target"] == "fallback"
+    assert primary.calls == 1
+
+
 async def test_a_client_hanging_up_mid_stream_does_not_count_against_the_breaker(autojump_clock: trio.testing.MockClock) -> None:
     async with running_mock() as (primary, p_url), running_mock() as (fallback, f_url):
         async with running_weir(_chain(p_url, f_url, deadlines={"idle_s": 20})) as weir:

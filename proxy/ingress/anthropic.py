@@ -13,12 +13,11 @@ import json
 import msgspec
 
 from ..errors import ProxyError
+from ..usage import CHARS_PER_TOKEN
 from .structure import BadStructure, check_structure, loads_object
 
 __all__ = ["MessagesEnvelope", "CountTokensEnvelope", "decode_messages", "decode_count_tokens", "decode_envelope", "count_tokens_locally"]
 
-# A rough rule of thumb, a token is ~4 characters of English text.
-_CHARS_PER_TOKEN = 4
 
 
 class MessagesEnvelope(msgspec.Struct):
@@ -104,7 +103,7 @@ def count_tokens_locally(body: bytes) -> int:
     tokenizers differ from Claude's anyway. Claude Code only uses the count
     to decide when to compact a conversation, so a stable over-estimate is
     safer than nothing: characters of every message, the system prompt and
-    the tool definitions, divided by 4, rounded up.
+    the tool definitions, divided by ``CHARS_PER_TOKEN``, rounded up.
     """
     try:
         doc = loads_object(body)
@@ -115,4 +114,4 @@ def count_tokens_locally(body: bytes) -> int:
         value = doc.get(key)
         if value:
             chars += len(value) if isinstance(value, str) else len(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
-    return max(1, -(-chars // _CHARS_PER_TOKEN))
+    return max(1, -(-chars // CHARS_PER_TOKEN))

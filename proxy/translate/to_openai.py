@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 
 from ..errors import error_event
 from ..sse import encode_event
+from ..usage import CHARS_PER_TOKEN
 from ._common import TranslationError, budget_to_effort, encode_json, parse_arguments
 from .inline_tags import InlineTagParser, Segment
 
@@ -538,10 +539,9 @@ def openai_response_to_anthropic(
 
 # ---------------------------------------------------------------- stream
 
-# Output-token estimate when the upstream sent no usage chunk: ~4 characters
-# a token is OpenAI's own rule of thumb for English. A guess, but a closer
-# one than 0 for rate limits and budgets that read it.
-_CHARS_PER_TOKEN = 4
+# Output-token estimate when the upstream sent no usage chunk (proxy/usage.py's
+# CHARS_PER_TOKEN): a guess, but a closer one than 0 for rate limits and
+# budgets that read it.
 
 
 def _is_json_object(text: str) -> bool:
@@ -683,7 +683,7 @@ class OpenAIStreamToAnthropic:
         if self._usage:
             usage = _usage_to_anthropic(self._usage)
         else:
-            usage = {"output_tokens": -(-self._chars // _CHARS_PER_TOKEN)}
+            usage = {"output_tokens": -(-self._chars // CHARS_PER_TOKEN)}
         out.append(
             _event(
                 "message_delta",

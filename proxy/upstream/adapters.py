@@ -7,7 +7,7 @@ route or the upstream names a model of its own. Crossing dialects runs the
 sans-IO translators of ``proxy.translate`` over the body, and over the
 response: whole bodies once, streams per upstream read.
 
-Why per read: ARCHITECTURE.md measured one ASGI ``send`` per SSE event at
+Why per read: docs/ARCHITECTURE.md gives one ASGI ``send`` per SSE event at
 ~8,000 events/s per core against ~45,000 at ten events a send. A translated
 stream therefore yields one item per upstream read — every event that read
 completed, translated and joined — never one per event.
@@ -18,7 +18,7 @@ spoke; ``relay_error_response`` passes those through and the
 end (``proxy.ingress.openai.openai_error_send``). So an OpenAI target's ``{"error": {...}}`` is
 rewritten here to Anthropic's shape with the same status and message.
 
-The adapter is the layer below routing (STYLE.md, httpcore's layers): the
+The adapter is the layer below routing (httpcore's layering, docs/ARCHITECTURE.md): the
 router calls ``prepare`` and ``wrap`` around ``Target.open`` and never looks
 inside a body.
 """
@@ -30,7 +30,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import ProxyError, error_body, type_for_status
 from ..ingress.structure import BadStructure, loads_object
@@ -44,7 +44,9 @@ from ..translate import (
     openai_request_to_anthropic,
     openai_response_to_anthropic,
 )
-from .base import UpstreamError, UpstreamRequest, UpstreamResponse, read_up_to
+from ..context import Served
+from ..ingress.anthropic import count_tokens_locally
+from .base import ERROR_BODY_LIMIT, UpstreamError, UpstreamRequest, UpstreamResponse, read_up_to
 
 __all__ = [
     "Leg",
@@ -57,8 +59,6 @@ __all__ = [
 # output at 128k tokens (~0.5 MB of text); 64 MiB leaves room for tool inputs
 # and base64 images while bounding a misbehaving upstream.
 _BODY_LIMIT = 64 * 1024 * 1024
-# Error bodies are small; relay.py reads them with the same bound.
-_ERROR_LIMIT = 64 * 1024
 # Anthropic's API version header is required; the oldest still-served
 # version is what every SDK sends by default.
 _ANTHROPIC_VERSION = (b"anthropic-version", b"2023-06-01")
@@ -78,26 +78,31 @@ class Leg:
     client's fields the translation could not carry (reported to the client
     in ``x-weir-dropped`` and in the access log); ``tool_names`` and
     ``omit_thinking`` steer the reply's translation (``OpenAIRequest``).
+    ``local``: the answer itself, when the target has no equivalent Weir can
+    stand in for (``count_tokens`` on an OpenAI-compatible target); nothing
+    is sent.
     """
 
     request: UpstreamRequest
-    mode: str
+    mode: Literal["pass", "a2o", "o2a", "models"]
     target_kind: str
     client_model: str
     include_usage: bool = False
     dropped: tuple[str, ...] = ()
     tool_names: frozenset[str] = frozenset()
     omit_thinking: bool = False
+    local: BufferedResponse | None = None
 
 
 class BufferedResponse:
-    """A response whose body Weir already holds (translated or reshaped)."""
+    """A response whose body Weir already holds (translated, reshaped, or from the cache)."""
 
-    __slots__ = ("status", "headers", "_body")
+    __slots__ = ("status", "headers", "served", "_body")
 
-    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, served: Served | None = None) -> None:
         self.status = status
         self.headers = headers
+        self.served = served if served is not None else Served()
         self._body = body
 
     async def aiter(self) -> AsyncIterator[bytes]:
@@ -227,6 +232,11 @@ def prepare(req: UpstreamRequest, *, kind: str, model: str) -> Leg:
                 tool_names=out.tool_names,
                 omit_thinking=out.omit_thinking,
             )
+        if path == "/v1/messages/count_tokens":
+            # OpenAI-compatible servers have no token counter: estimate locally.
+            counted = b'{"input_tokens":%d}' % count_tokens_locally(req.body)
+            local = BufferedResponse(200, [_JSON, (b"content-length", b"%d" % len(counted)), (b"x-weir-token-count", b"estimate")], counted)
+            return Leg(req, "pass", kind, req.model, local=local)
         if path == "/v1/models" or path.startswith("/v1/models/"):
             return Leg(_replace(req, path=path[3:], query=b"", headers=headers), "models", kind, req.model)
         raise ProxyError(404, f"{req.method} {path} has no equivalent on an OpenAI-compatible upstream", "not_found_error")
@@ -321,7 +331,7 @@ async def wrap(leg: Leg, raw: UpstreamResponse) -> UpstreamResponse:
     """
     if raw.status >= 400:
         if leg.target_kind == "openai":
-            body = await raw.read(_ERROR_LIMIT)
+            body = await raw.read(ERROR_BODY_LIMIT)
             return _buffered(raw.status, _plain_headers(raw), _anthropic_error_from_openai(raw.status, body))
         return raw
     if leg.mode == "pass":

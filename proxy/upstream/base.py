@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Protocol
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
-__all__ = ["UpstreamRequest", "UpstreamResponse", "UpstreamError", "read_up_to"]
+if TYPE_CHECKING:
+    from ..context import RequestContext, Served
+
+__all__ = ["UpstreamRequest", "UpstreamResponse", "Opener", "UpstreamError", "read_up_to", "ERROR_BODY_LIMIT"]
+
+# Error bodies are read whole (to check or convert their shape); a real one is
+# under 1 KiB, and this bounds what a misbehaving upstream can make Weir hold.
+ERROR_BODY_LIMIT = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -25,17 +33,10 @@ class UpstreamRequest:
     body: bytes
     stream: bool = False
     model: str = ""
-    # The client's own credentials (passthrough mode), forwarded as sent.
-    client_credentials: list[tuple[bytes, bytes]] = field(default_factory=list)
     # The client's dialect: "anthropic" (Messages) or "openai" (chat
     # completions). "" derives it from the path, so the one ingress that
     # speaks OpenAI (/v1/chat/completions) needs no flag of its own.
     api: str = ""
-    # Scheduler class from the client's x-weir-priority header; interactive
-    # unless a client marks itself batch (see proxy/scheduler.py).
-    priority: str = "interactive"
-    # The request kind (proxy/kinds.py); routes may match on it.
-    kind: str = "main"
 
     def __post_init__(self) -> None:
         if not self.api:
@@ -43,14 +44,33 @@ class UpstreamRequest:
 
 
 class UpstreamResponse(Protocol):
+    """A response head and its body, from whichever layer produced it.
+
+    ``served`` says who answered (target, key, attempts, cache outcome) and,
+    once the response closed, the breaker's verdict on the target.
+    """
+
     status: int
     headers: list[tuple[bytes, bytes]]
+    served: Served
 
     def aiter(self) -> AsyncIterator[bytes]:
         """Body bytes as the upstream delivers them, one item per read."""
         ...
 
     async def read(self, limit: int) -> bytes: ...
+
+
+class Opener(Protocol):
+    """The one shape of every layer of the request path, as httpcore layers
+    its pool, connection and protocol: the router at the bottom, the cache
+    (and the coalescer it drives) above it.
+
+    ``open`` yields the response once its head is known and closes it —
+    releasing whatever it held, telling the breaker — when the block ends.
+    """
+
+    def open(self, req: UpstreamRequest, ctx: RequestContext) -> AbstractAsyncContextManager[UpstreamResponse]: ...
 
 
 async def read_up_to(chunks: AsyncIterator[bytes], limit: int) -> bytes:

@@ -4,8 +4,8 @@ Why not httpx here. The side-by-side benchmark's py-spy profile put ~42% of
 Weir's CPU in httpx/httpcore, and the single hottest function in the process
 was trio's ``is_readable``: on every request httpcore's pool calls
 ``has_expired`` on *every* pooled connection, one ``select`` system call
-each, so the cost grows with the pool (ARCHITECTURE.md saw the same: 64 in
-flight on one client, ~350 req/s). Weir's scheduler already guarantees that
+each, so the cost grows with the pool (docs/ARCHITECTURE.md: 64 in flight on
+one httpx client, ~350 req/s). Weir's scheduler already guarantees that
 no more requests are in flight than the pool holds, so the pool needs no
 waiter queue, no request routing and no per-request model objects: a stack
 of idle connections, a readability check on the one connection we take, and
@@ -118,10 +118,6 @@ class PooledResponse:
 
     async def read(self, limit: int) -> bytes:
         return await read_up_to(self.aiter(), limit)
-
-    @property
-    def complete(self) -> bool:
-        return self._done
 
 
 class ConnectionPool:

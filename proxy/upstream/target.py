@@ -2,10 +2,10 @@
 
 Requests reach the pool only through the router's per-target scheduler,
 whose capacity is ``max_connections``, so no more are in flight than the
-pool holds: the pool never queues, and never needs to. ARCHITECTURE.md measured why that matters —
-httpx queueing 64 requests on one client collapsed to ~350 req/s — and the
-side-by-side benchmark's profile showed why we left httpx for the upstream
-leg altogether (see ``pool.py``).
+pool holds: the pool never queues, and never needs to. docs/ARCHITECTURE.md
+has the figures: a client pool queueing 64 requests (httpx's) collapsed to
+~350 req/s, and the side-by-side benchmark's profile is why the upstream leg
+is h11 on trio (``pool.py``).
 """
 
 from __future__ import annotations
@@ -40,12 +40,6 @@ class Target:
         if self.kind == "openai":
             return [(b"authorization", b"Bearer " + key.encode())]
         return [(b"x-api-key", key.encode())]
-
-    def upstream_url(self, path: str, query: bytes) -> str:
-        # An Anthropic base URL has no /v1 (ANTHROPIC_BASE_URL convention);
-        # an OpenAI base URL ends in /v1 (OPENAI_BASE_URL convention).
-        url = self.url + path
-        return url + "?" + query.decode("latin-1") if query else url
 
     @asynccontextmanager
     async def open(self, req: UpstreamRequest, *, credentials: list[tuple[bytes, bytes]]) -> AsyncIterator[UpstreamResponse]:
