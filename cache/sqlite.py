@@ -66,7 +66,7 @@ _SQLITE_NOTADB = 26
 
 
 def _is_damage(exc: sqlite3.Error) -> bool:
-    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS weir_cache (
@@ -203,7 +203,6 @@ class SQLiteL2:
         lock = os.open(self._path + "-lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            reason = None
             if os.path.exists(self._path + "-corrupt"):
                 reason = "a previous run found it damaged"
             else:

@@ -33,7 +33,7 @@ def record(name: str, latest: str, files: dict[str, str | bytes], *, save: bool,
     written = []
     for stem in stems:
         for ext, content in files.items():
-            path = stem.with_name(f"{stem.name}.{ext}")
+            path = stem.parent / f"{stem.name}.{ext}"
             if isinstance(content, bytes):
                 path.write_bytes(content)
             else:

@@ -24,7 +24,6 @@ component blocks trio on it and each may assume it exists.
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Mapping
 
 __all__ = ["DataDirError", "default_data_dir", "prepare_data_dir", "resolve_data_dir"]
@@ -51,17 +50,13 @@ def resolve_data_dir(configured: str, environ: Mapping[str, str]) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def prepare_data_dir(path: str) -> str:
+def prepare_data_dir(path: str) -> None:
     """Create the directory (owner-only: it holds cached prompts and replies)
     and check that Weir can write there. An existing directory keeps its mode:
     the operator chose it."""
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        st = os.stat(path)
+        os.makedirs(path, mode=0o700, exist_ok=True)  # a file in the way: "File exists"
     except OSError as exc:
         raise DataDirError(f"cannot create server.data_dir {path}: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise DataDirError(f"server.data_dir {path} exists and is not a directory")
     if not os.access(path, os.W_OK | os.X_OK):
         raise DataDirError(f"server.data_dir {path} is not writable by this user")
-    return path

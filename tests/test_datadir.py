@@ -42,7 +42,7 @@ def test_the_old_sqlite_path_key_is_refused_by_name() -> None:
 
 def test_prepare_creates_it_owner_only_and_keeps_an_existing_mode(tmp_path: Path) -> None:
     fresh = tmp_path / "not" / "yet"
-    assert prepare_data_dir(str(fresh)) == str(fresh)
+    prepare_data_dir(str(fresh))
     assert fresh.stat().st_mode & 0o777 == 0o700  # owner-only: it holds cached prompts and replies
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o750)
