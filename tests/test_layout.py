@@ -22,6 +22,8 @@ PURE_MODULES = [
     "proxy.usage",
     "proxy.sse",
     "proxy.translate",
+    "proxy.kinds",
+    "proxy.local_answers",
 ]
 
 # Pure cores that share a module with their trio shell (proxy/scheduler.py is
@@ -29,6 +31,7 @@ PURE_MODULES = [
 PURE_CLASSES = [
     ("proxy.scheduler", "FairQueue"),
     ("proxy.scheduler", "Ticket"),
+    ("proxy.scheduler", "PaceBudget"),
     ("proxy.ratelimit", "TokenBucket"),
 ]
 
