@@ -228,3 +228,40 @@ def test_the_plain_hypercorn_command_serves_the_same_app(tmp_path: Path) -> None
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_hypercorn_toml_agrees_with_weirs_defaults() -> None:
+    """hypercorn.toml (plain Hypercorn with a fixed file) and hypercorn_settings
+    (weir serve, and the python: config) must not drift apart."""
+    import tomllib
+
+    from proxy.cli import hypercorn_settings
+    from proxy.settings import Settings
+
+    fixed = tomllib.loads((ROOT / "hypercorn.toml").read_text())
+    ours = hypercorn_settings(Settings())
+    for name in ("worker_class", "bind", "workers", "graceful_timeout", "keep_alive_timeout", "keep_alive_max_requests", "backlog", "include_server_header"):
+        assert fixed[name] == ours[name], name
+    assert not fixed["accesslog"] and ours["accesslog"] is None
+
+
+def test_the_hypercorn_toml_command_serves_the_same_app(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WEIR_CACHE__L2": "none"}
+    hypercorn = str(Path(sys.executable).parent / "hypercorn")
+    proc = subprocess.Popen(
+        [hypercorn, "-c", str(ROOT / "hypercorn.toml"), "--bind", f"127.0.0.1:{port}", "proxy.asgi:app"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc)
+        r = _post(url)
+        assert r.status_code == 200 and r.json()["type"] == "message"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
