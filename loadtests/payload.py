@@ -3,14 +3,17 @@
 A proxy's cost grows with what it receives: a 300-byte ``"Hello"`` body
 flatters every server. Claude Code, Weir's main client, sends 30-200 KiB on
 every turn — a system prompt in text blocks, a dozen tools with JSON schemas,
-``thinking``, ``metadata``, ``context_management`` and the whole history —
-with a long ``anthropic-beta`` list. These builders make bodies of that shape
-and size, deterministically (seeded), from the standard library only, so the
-locust venv (which has neither trio nor msgspec) can import this module too.
+adaptive ``thinking``, ``output_config``, ``metadata``,
+``context_management`` and the whole history, with a ``role: "system"`` item
+after the first user turn — and eight ``anthropic-beta`` values (Claude Code
+2.1.x's shape). These builders make bodies of that shape and size,
+deterministically (seeded), from the standard library only, so the locust
+venv (which has neither trio nor msgspec) can import this module too.
 
-The body never contains the phrase the mock upstream reads as "use a tool",
-so replies are text (plus thinking), and ``metadata`` and the rest are fields
-Weir must forward untouched, which is exactly what the benchmark pays for.
+The body never asks for a tool by the mock upstream's rule ("use a tool",
+"use the NAME tool"), so replies are text (plus thinking), and ``metadata``
+and the rest are fields Weir must forward untouched, which is exactly what
+the benchmark pays for.
 """
 
 from __future__ import annotations
@@ -26,29 +29,23 @@ __all__ = [
     "count_tokens_body",
 ]
 
-# The model Claude Code asks for by default at the time of writing.
-MODEL = "claude-sonnet-4-20250514"
-# What Claude Code 1.0.x sends (captured shape): a dozen betas in one header.
+# The model Claude Code 2.1.x asks for by default at the time of writing.
+MODEL = "claude-opus-5-5"
+# What Claude Code 2.1.x sends with a main-loop request: eight betas in one header.
 ANTHROPIC_BETA = ",".join(
     [
         "claude-code-20250219",
+        "oauth-2025-04-20",
         "interleaved-thinking-2025-05-14",
         "fine-grained-tool-streaming-2025-05-14",
         "context-management-2025-06-27",
-        "prompt-caching-2024-07-31",
-        "token-efficient-tools-2025-02-19",
-        "output-128k-2025-02-19",
-        "files-api-2025-04-14",
-        "extended-cache-ttl-2025-04-11",
-        "code-execution-2025-05-22",
-        "mcp-client-2025-04-04",
-        "search-results-2025-06-09",
+        "context-1m-2025-08-07",
+        "thinking-display-updates-2026-08-18",
+        "mid-conversation-system-clear-at-2026-08-21",
     ]
 )
-# Claude Code's default for Sonnet with thinking on; the mock honours it.
-_MAX_TOKENS = 32000
-# Claude Code's "think hard" budget is max_tokens - 1.
-_THINKING_BUDGET = 31999
+# Claude Code 2.1.x's max_tokens for Opus; the mock honours it.
+_MAX_TOKENS = 128000
 # ~45 KB lands mid-range of the 30-60 KB the benchmark brief asks for, near a
 # mid-session Claude Code turn.
 DEFAULT_TARGET_BYTES = 45_000
@@ -128,6 +125,7 @@ def _body(rng: random.Random, target_bytes: int) -> dict:
             {"type": "text", "text": "<system-reminder>\n" + _prose(rng, turn_bytes) + "\n</system-reminder>"},
             {"type": "text", "text": _prose(rng, 200)},
         ]},
+        {"role": "system", "content": [{"type": "text", "text": "# Environment\n" + _prose(rng, 300)}]},
         {"role": "assistant", "content": [
             {"type": "thinking", "thinking": _prose(rng, turn_bytes // 2), "signature": "Eq" + "A" * 300},
             {"type": "tool_use", "id": "toolu_01AbCdEfGhIjKlMnOpQrStUv", "name": "Read", "input": {"file_path": "/work/main/proxy/app.py"}},
@@ -146,7 +144,8 @@ def _body(rng: random.Random, target_bytes: int) -> dict:
         "tools": tools,
         "metadata": {"user_id": "user_" + "%064x" % rng.getrandbits(256) + "_account__session_4f6c1a9e-3b2d-4e8f-9a7c-1d2e3f4a5b6c"},
         "max_tokens": _MAX_TOKENS,
-        "thinking": {"type": "enabled", "budget_tokens": _THINKING_BUDGET},
+        "thinking": {"type": "adaptive"},
+        "output_config": {"effort": "medium"},
         "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
     }
 
@@ -162,7 +161,7 @@ def claude_code_body(stream: bool, target_bytes: int = DEFAULT_TARGET_BYTES, see
 def count_tokens_body(target_bytes: int = DEFAULT_TARGET_BYTES, seed: int = 0) -> bytes:
     """The same conversation as a ``/v1/messages/count_tokens`` body (no max_tokens, no stream)."""
     body = _body(random.Random(seed), target_bytes)
-    for field in ("max_tokens", "temperature", "metadata", "context_management"):
+    for field in ("max_tokens", "temperature", "metadata", "context_management", "output_config"):
         body.pop(field)
     return json.dumps(body, separators=(",", ":")).encode()
 
@@ -177,7 +176,7 @@ def claude_code_headers(api_key: str = "sk-ant-api03-bench-not-a-real-key") -> d
         "anthropic-dangerous-direct-browser-access": "true",
         "x-api-key": api_key,
         "x-app": "cli",
-        "user-agent": "claude-cli/1.0.98 (external, cli)",
+        "user-agent": "claude-cli/2.1.0 (external, cli)",
         "x-stainless-lang": "js",
         "x-stainless-package-version": "0.60.0",
         "x-stainless-os": "Linux",

@@ -7,6 +7,7 @@ no upstream is configured and hands Weir its URL as an ordinary upstream.
 """
 
 from .upstream import (
+    FAULTS,
     VOCABULARY,
     Fault,
     MockCore,
@@ -22,6 +23,7 @@ from .upstream import (
 )
 
 __all__ = [
+    "FAULTS",
     "VOCABULARY",
     "Fault",
     "MockCore",

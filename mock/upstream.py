@@ -17,7 +17,28 @@ Replies are a pure function of the request body (ids from the body's hash,
 words from a generator seeded by the hash of ``messages``), so two identical
 requests get byte-identical bodies — the cache and coalescing tests rely on it.
 Per-request behaviour (faults, delays, reply length) is steered with
-``x-mock-*`` headers; see ``parse_fault`` for the fault syntax.
+``x-mock-*`` headers; ``FAULTS`` lists the fault syntax (``weir mock-upstream
+--help`` prints it).
+
+What a real client needs to run its loops against it, on both APIs:
+
+* **The tool rule.** A reply is a tool call when the request forces one
+  (Anthropic ``tool_choice`` ``any``/``tool``, OpenAI ``required``/a named
+  function), or — under ``auto`` or no ``tool_choice`` — when the
+  conversation's *last* message is the user's and its text says ``use a
+  tool`` (the first declared tool is called) or ``use the NAME tool`` for a
+  declared NAME (that one is called; case is ignored). Tool results end the
+  loop: an Anthropic ``tool_result`` block is not text, an OpenAI ``tool``
+  message is not the user's, so the next reply is text. The input fits the
+  tool's schema (``mock/schema.py``).
+* **Structured output.** Anthropic ``output_config.format`` (or the beta's
+  ``output_format``) and OpenAI ``response_format`` (``json_schema``, or
+  ``json_object``) make the text a JSON document that fits the schema.
+* **Thinking.** Anthropic ``thinking`` ``enabled`` or ``adaptive`` and OpenAI
+  ``reasoning_effort`` add reasoning; ``display: "omitted"`` sends the
+  thinking block with its signature and no text, as Anthropic does.
+* **Models.** ``/v1/models/{id}`` answers for any id, as ``/v1/messages``
+  accepts any model; the list holds a few well-known ones.
 """
 
 from __future__ import annotations
@@ -43,10 +64,13 @@ import h11
 import msgspec
 import trio
 
+from .schema import fit
+
 from proxy.errors import error_body, error_event, type_for_status
 from proxy.sse import encode_event
 
 __all__ = [
+    "FAULTS",
     "VOCABULARY",
     "Fault",
     "MockCore",
@@ -114,6 +138,21 @@ class Fault(msgspec.Struct, frozen=True):
     rate_window: float = 60.0
 
 
+# Every fault, as `weir mock-upstream --help` prints it: (syntax, effect).
+FAULTS: tuple[tuple[str, str], ...] = (
+    ("status=N", "answer with HTTP status N and a proper error body in the API's shape"),
+    ("retry_after=S", "with status: a retry-after header of S"),
+    ("fail_first=N", "with status (default 500): fail only the first N identical requests, then answer"),
+    ("hang", "never send the response head"),
+    ("hang_after=N", "stall after N stream events (unstreamed: 0 = nothing, >0 = half the body)"),
+    ("reset_after=N", "as hang_after, then reset the connection (a real RST)"),
+    ("slow=MS", "wait MS milliseconds between any two stream events"),
+    ("malformed", "put a broken event in the middle of the stream"),
+    ("error_event_after=N", "end the stream with an error event after N events"),
+    ("unknown_event", "add an event type clients must skip"),
+    ("rate_limit=N", "a provider's quota: past N requests in the window, 429 with retry-after"),
+    ("rate_window=S", "with rate_limit: the window in seconds (default 60)"),
+)
 _FLAG_FAULTS = {"hang", "malformed", "unknown_event"}
 _INT_FAULTS = {"status", "hang_after", "reset_after", "error_event_after", "fail_first", "rate_limit"}
 # fail_first without a status is a retry test against a generic upstream failure.
@@ -186,6 +225,8 @@ class _AnthropicRequest(msgspec.Struct):
     tools: list[_AnthropicTool] | None = None
     tool_choice: dict[str, Any] | None = None
     stop_sequences: list[str] | None = None
+    output_config: dict[str, Any] | None = None
+    output_format: dict[str, Any] | None = None
 
 
 class _CountTokensRequest(msgspec.Struct):
@@ -218,6 +259,7 @@ class _OpenAIRequest(msgspec.Struct):
     tool_choice: str | dict[str, Any] | None = None
     reasoning_effort: str | None = None
     stop: str | list[str] | None = None
+    response_format: dict[str, Any] | None = None
 
 
 _decode_anthropic = msgspec.json.Decoder(_AnthropicRequest).decode
@@ -281,26 +323,6 @@ def _input_tokens(body: bytes) -> int:
     return max(1, len(body) // 4)
 
 
-def _tool_input(rng: random.Random, schema: dict[str, Any] | None) -> dict[str, Any]:
-    props = (schema or {}).get("properties")
-    out: dict[str, Any] = {}
-    if not isinstance(props, dict):
-        return out
-    for name, prop in props.items():
-        kind = prop.get("type") if isinstance(prop, dict) else None
-        if kind in ("integer", "number"):
-            out[name] = rng.randint(1, 100)
-        elif kind == "boolean":
-            out[name] = True
-        elif kind == "array":
-            out[name] = []
-        elif kind == "object":
-            out[name] = {}
-        else:
-            out[name] = rng.choice(VOCABULARY)
-    return out
-
-
 def _compose(
     body: bytes,
     messages: list[msgspec.Raw],
@@ -310,6 +332,8 @@ def _compose(
     thinking_budget: int | None,
     tool: tuple[str, dict[str, Any] | None] | None,
     stops: list[str] | None,
+    schema: dict[str, Any] | None = None,
+    show_thinking: bool = True,
 ) -> _Reply:
     # Ids come from the whole body, so identical requests get identical bytes.
     # Words come from the conversation alone, so the streamed and unstreamed
@@ -332,17 +356,26 @@ def _compose(
     if thinking_budget is not None:
         k = max(1, min(n // 2, thinking_budget, budget))
         words = rng.choices(VOCABULARY, k=k)
-        r.thinking = [words[0]] + [" " + w for w in words[1:]]
+        r.thinking = [words[0]] + [" " + w for w in words[1:]] if show_thinking else []
         r.signature = "mock_sig_" + r.hexid
         used = k
     text: list[str] = []
     if tool is not None:
-        name, schema = tool
-        r.tool = ("mock_" + r.hexid[:24], name, _encode(_tool_input(rng, schema)).decode())
+        name, input_schema = tool
+        r.tool = ("mock_" + r.hexid[:24], name, _encode(fit(input_schema, rng, VOCABULARY)).decode())
         r.stop_reason = "tool_use"
         used += -(-len(r.tool[2]) // _JSON_PIECE)
     elif used >= budget:
         r.stop_reason = "max_tokens"
+    elif schema is not None:
+        # Structured output: the document in pieces, one a token; cut at the
+        # budget as a real model's would be (then it does not parse).
+        pieces = _pieces(_encode(fit(schema, rng, VOCABULARY)).decode())
+        room = budget - used
+        if len(pieces) > room:
+            pieces, r.stop_reason = pieces[:room], "max_tokens"
+        text = pieces
+        used += len(pieces)
     else:
         stopset = set(stops) if stops else None
         for word in rng.choices(VOCABULARY, k=n):
@@ -359,24 +392,53 @@ def _compose(
     return r
 
 
-def _last_user_text(messages: list[msgspec.Raw]) -> str:
-    for raw in reversed(messages):
-        try:
-            msg = _decode_message(raw)
-        except msgspec.ValidationError:
-            return ""
-        if msg.role != "user":
-            continue
-        if isinstance(msg.content, str):
-            return msg.content
-        if msg.content:
-            return " ".join(b.text for b in msg.content if b.type == "text" and isinstance(b.text, str))
+def _final_user_text(messages: list[msgspec.Raw]) -> str:
+    """The text of the conversation's last message if the user wrote it, else ""."""
+    try:
+        msg = _decode_message(messages[-1])
+    except (msgspec.ValidationError, IndexError):
         return ""
-    return ""
+    if msg.role != "user":
+        return ""
+    if isinstance(msg.content, str):
+        return msg.content
+    return " ".join(b.text for b in msg.content or () if b.type == "text" and isinstance(b.text, str))
 
 
-def _asks_for_tool(messages: list[msgspec.Raw]) -> bool:
-    return "use a tool" in _last_user_text(messages).lower()
+def _requested_tool(messages: list[msgspec.Raw], names: list[str]) -> int | None:
+    """The tool rule (module docstring): which declared tool the last user message asks for, if any."""
+    text = " ".join(_final_user_text(messages).lower().split())
+    if not text:
+        return None
+    for i, name in enumerate(names):
+        if f"use the {name.lower()} tool" in text:
+            return i
+    return 0 if "use a tool" in text else None
+
+
+def _format_schema(fmt: Any, where: str) -> dict[str, Any] | None:
+    """A structured-output request's schema (None: plain text); a malformed one is the client's 400."""
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise _Bad(400, f"{where}: must be an object")
+    kind = fmt.get("type")
+    if kind == "json_schema":
+        schema = fmt.get("schema")
+        if schema is None and isinstance(fmt.get("json_schema"), dict):  # OpenAI nests it one level down
+            schema = fmt["json_schema"].get("schema")
+        if not isinstance(schema, dict):
+            raise _Bad(400, f"{where}.schema: a JSON schema object is required")
+        return schema
+    if kind == "json_object":
+        return _JSON_OBJECT
+    if kind == "text":
+        return None
+    raise _Bad(400, f"{where}.type: {kind!r} is not a known format")
+
+
+# What OpenAI's json_object mode promises is only "an object": one with an answer.
+_JSON_OBJECT: dict[str, Any] = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
 
 
 def _pieces(s: str) -> list[str]:
@@ -627,6 +689,8 @@ _ANTHROPIC_MODELS = _encode(
         "last_id": _MODELS[-1][0],
     }
 )
+# When a model the list does not hold was "released": a fixed date, so bodies stay identical.
+_MOCK_MODEL_CREATED = "2025-01-01T00:00:00Z"
 _OPENAI_MODEL = {m[0]: _encode({"id": m[0], "object": "model", "created": m[3], "owned_by": "anthropic"}) for m in _MODELS}
 _OPENAI_MODELS = _encode({"object": "list", "data": [msgspec.json.decode(v) for v in _OPENAI_MODEL.values()]})
 
@@ -808,9 +872,15 @@ class MockCore:
         if path.startswith("/v1/models/"):
             _need(method, "GET")
             model = path[len("/v1/models/") :]
+            if not model:
+                raise _Bad(404, "model: an id is required")
             body = (_OPENAI_MODEL if openai else _ANTHROPIC_MODEL).get(model)
             if body is None:
-                raise _Bad(404, f"model: {model}")
+                # Every model /v1/messages accepts (any) has an entry.
+                if openai:
+                    body = _encode({"id": model, "object": "model", "created": _CREATED, "owned_by": "mock"})
+                else:
+                    body = _encode({"type": "model", "id": model, "display_name": model, "created_at": _MOCK_MODEL_CREATED})
             return Plan(200, [_JSON], body)
         raise _Bad(404, f"no route for {method} {path}")
 
@@ -824,9 +894,13 @@ class MockCore:
         if not env.messages:
             raise _Bad(400, "messages: at least one message is required")
         thinking = None
-        if env.thinking and env.thinking.get("type") == "enabled":
-            budget = env.thinking.get("budget_tokens")
+        kind = env.thinking.get("type") if env.thinking else None
+        if kind == "enabled":
+            budget = env.thinking.get("budget_tokens")  # type: ignore[union-attr]
             thinking = budget if isinstance(budget, int) else n
+        elif kind == "adaptive":
+            thinking = n  # the model decides how much: the mock always thinks a little
+        shown = not (env.thinking and env.thinking.get("display") == "omitted")
         tool = None
         if env.tools:
             choice = env.tool_choice or {}
@@ -836,11 +910,16 @@ class MockCore:
                 chosen = next((t for t in env.tools if t.name == choice.get("name")), None)
                 if chosen is None:
                     raise _Bad(400, f"tool_choice: no tool named {choice.get('name')!r}")
-            elif kind == "any" or (kind != "none" and _asks_for_tool(env.messages)):
+            elif kind == "any":
                 chosen = env.tools[0]
+            elif kind != "none":
+                asked = _requested_tool(env.messages, [t.name for t in env.tools])
+                chosen = None if asked is None else env.tools[asked]
             if chosen is not None:
                 tool = (chosen.name, chosen.input_schema)
-        reply = _compose(req.body, env.messages, env.model, n, env.max_tokens, thinking, tool, env.stop_sequences)
+        config = env.output_config or {}
+        schema = _format_schema(config.get("format") or env.output_format, "output_config.format")
+        reply = _compose(req.body, env.messages, env.model, n, env.max_tokens, thinking, tool, env.stop_sequences, schema, shown)
         headers = [(b"request-id", b"req_mock_" + reply.hexid[:24].encode())] + _ANTHROPIC_HEADERS
         if env.stream:
             plan = Plan(200, headers + _SSE)
@@ -866,14 +945,18 @@ class MockCore:
                 chosen = next((f for f in funcs if f.name == want), None)
                 if chosen is None:
                     raise _Bad(400, f"tool_choice: no function named {want!r}")
-            elif choice == "required" or (choice != "none" and _asks_for_tool(env.messages)):
+            elif choice == "required":
                 chosen = funcs[0]
+            elif choice != "none":
+                asked = _requested_tool(env.messages, [f.name for f in funcs])
+                chosen = None if asked is None else funcs[asked]
             if chosen is not None:
                 tool = (chosen.name, chosen.parameters)
         limit = env.max_completion_tokens if env.max_completion_tokens is not None else env.max_tokens
         stops = [env.stop] if isinstance(env.stop, str) else env.stop
         thinking = n if env.reasoning_effort is not None else None
-        reply = _compose(req.body, env.messages, env.model, n, limit, thinking, tool, stops)
+        schema = _format_schema(env.response_format, "response_format")
+        reply = _compose(req.body, env.messages, env.model, n, limit, thinking, tool, stops, schema)
         headers = [(b"x-request-id", b"req_mock_" + reply.hexid[:24].encode())]
         if env.stream:
             plan = Plan(200, headers + _SSE)
@@ -1210,7 +1293,25 @@ def _settings_argv(s: MockSettings) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
+def help_epilog() -> str:
+    """The fault syntax and the request headers, for ``--help`` (``weir mock-upstream`` and ``python -m mock``)."""
+    width = max(len(syntax) for syntax, _ in FAULTS)
+    lines = [
+        "faults: x-mock-fault request header (or --fault for every request), items split by ',' or ';'",
+        "  e.g. x-mock-fault: status=429;retry_after=2   or   --fault hang_after=3,slow=50",
+    ]
+    lines += [f"  {syntax:<{width}}  {effect}" for syntax, effect in FAULTS]
+    lines += [
+        "per-request overrides: x-mock-latency-ms, x-mock-ttft-ms, x-mock-tokens-per-second, x-mock-output-tokens",
+        "tools: under tool_choice auto, a last user message saying 'use a tool' (first tool) or",
+        "  'use the NAME tool' gets a tool call whose input fits the tool's schema",
+    ]
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = help_epilog()
     d = MockSettings()
     parser.add_argument("--host", default="127.0.0.1", help="loopback by default: a mock is never public")
     parser.add_argument("--port", type=int, default=8081, help="8081: next to the proxy's 8080; 0 = ephemeral")

@@ -13,18 +13,22 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import anthropic
 import httpx
+import jsonschema
 import msgspec
 import openai
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mock import (
     VOCABULARY,
+    Fault,
     MockSettings,
     MockUpstream,
     add_arguments,
@@ -256,7 +260,12 @@ async def test_validation_auth_models_and_count_tokens() -> None:
         assert isinstance(counted["input_tokens"], int) and counted["input_tokens"] > 0
         one = await client.get("/v1/models/claude-sonnet-4-20250514", headers={"anthropic-version": "2023-06-01"})
         assert one.json()["type"] == "model" and one.json()["display_name"] == "Claude Sonnet 4"
-        gone = await client.get("/v1/models/claude-nope")
+        # Every model /v1/messages accepts — any — has an entry, in each API's shape.
+        other = await client.get("/v1/models/claude-opus-5-5", headers={"anthropic-version": "2023-06-01"})
+        assert other.json() == {"type": "model", "id": "claude-opus-5-5", "display_name": "claude-opus-5-5", "created_at": "2025-01-01T00:00:00Z"}
+        nim = await client.get("/v1/models/deepseek-ai/deepseek-r1", headers={"authorization": "Bearer k"})
+        assert nim.json()["id"] == "deepseek-ai/deepseek-r1" and nim.json()["object"] == "model"
+        gone = await client.get("/v1/models/")
         assert gone.status_code == 404 and gone.json()["error"]["type"] == "not_found_error"
         oai_bad = await client.post("/v1/chat/completions", content=b"[")
         assert oai_bad.status_code == 400 and set(oai_bad.json()["error"]) >= {"message", "type", "code"}
@@ -571,3 +580,149 @@ def test_argument_helpers_round_trip() -> None:
     ns = parser.parse_args(["--latency-ms", "5", "--tokens-per-second", "20", "--fault", "slow=1", "--workers", "3"])
     assert settings_from_args(ns) == MockSettings(latency_ms=5, tokens_per_second=20, fault="slow=1", workers=3)
     assert (ns.host, ns.port) == ("127.0.0.1", 8081)
+
+
+# ---------------------------------------------------------------------------
+# Real clients' loops: tools, structured output, thinking, models, --help
+# ---------------------------------------------------------------------------
+
+
+async def test_anthropic_sdk_tool_runner_loop_runs_to_an_answer() -> None:
+    """The SDK's own tool loop: a tool call the last user message asked for, the result sent back, then text."""
+    from anthropic import beta_async_tool
+
+    calls: list[tuple[str, int]] = []
+
+    @beta_async_tool
+    async def get_weather(city: str, days: int) -> str:
+        """Weather for a city, a few days ahead."""
+        calls.append((city, days))
+        return "sunny"
+
+    @beta_async_tool
+    async def get_time(zone: str) -> str:
+        """The time in a zone."""
+        raise AssertionError("not asked for")
+
+    async with running() as (mock, url):
+        async with anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0) as client:
+            runner = client.beta.messages.tool_runner(
+                model="claude-opus-5-5", max_tokens=256, tools=[get_time, get_weather],
+                messages=[{"role": "user", "content": "Please use the get_weather tool for Paris."}],
+            )  # fmt: skip
+            replies = [m async for m in runner]
+    assert [m.stop_reason for m in replies] == ["tool_use", "end_turn"]
+    assert len(calls) == 1 and isinstance(calls[0][1], int)
+    assert replies[-1].content[0].type == "text" and mock.calls == 2
+
+
+async def test_openai_sdk_tool_loop_and_the_rule_for_auto() -> None:
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER["input_schema"]}}
+    async with running() as (_, url):
+        o = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        messages: list[dict[str, Any]] = [{"role": "user", "content": "Use the GET_WEATHER tool, please."}]
+        first = await o.chat.completions.create(model="m", messages=messages, tools=[FUNC, weather], tool_choice="auto")
+        assert first.choices[0].finish_reason == "tool_calls"
+        (call,) = first.choices[0].message.tool_calls
+        assert call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["input_schema"])
+        messages += [first.choices[0].message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+        second = await o.chat.completions.create(model="m", messages=messages, tools=[FUNC, weather], tool_choice="auto")
+        assert second.choices[0].finish_reason == "stop" and second.choices[0].message.content
+        # "use a tool" picks the first; a mere mention of tools, or none, does not call one.
+        generic = await o.chat.completions.create(model="m", messages=[{"role": "user", "content": "use a tool"}], tools=[FUNC, weather])
+        assert generic.choices[0].message.tool_calls[0].function.name == "lookup"
+        chat_only = await o.chat.completions.create(model="m", messages=[{"role": "user", "content": "what tools do you have?"}], tools=[FUNC])
+        assert chat_only.choices[0].finish_reason == "stop"
+
+
+async def test_structured_output_fits_the_schema_through_both_sdks() -> None:
+    import pydantic
+
+    class Plan(pydantic.BaseModel):
+        title: str
+        steps: list[str]
+        effort: int
+        risk: Literal["low", "high"]
+
+    async with running() as (_, url):
+        o = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        parsed = await o.chat.completions.parse(model="m", messages=[{"role": "user", "content": "plan"}], response_format=Plan)
+        assert isinstance(parsed.choices[0].message.parsed, Plan)
+        async with anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0) as a:
+            msg_ = await a.messages.parse(model="claude-opus-5-5", max_tokens=512, messages=[{"role": "user", "content": "plan"}], output_format=Plan)
+            assert isinstance(msg_.parsed_output, Plan)
+        # Streamed, and through the beta's top-level output_format: the text deltas join to a fitting document.
+        schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 10}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 3}}, "required": ["n", "tags"], "additionalProperties": False}
+        async with httpx.AsyncClient(base_url=url, timeout=None) as client:
+            for fmt in ({"output_config": {"format": {"type": "json_schema", "schema": schema}}}, {"output_format": {"type": "json_schema", "schema": schema}}):
+                events = sse((await client.post("/v1/messages", json=msg(stream=True, **fmt))).content)
+                text = "".join(d["delta"]["text"] for n, d in events if n == "content_block_delta")
+                jsonschema.validate(json.loads(text), schema)
+            bad = await client.post("/v1/messages", json=msg(output_config={"format": {"type": "json_schema"}}))
+            assert bad.status_code == 400 and "schema" in bad.json()["error"]["message"]
+            obj = (await client.post("/v1/chat/completions", json=chat(response_format={"type": "json_object"}))).json()
+            assert isinstance(json.loads(obj["choices"][0]["message"]["content"]), dict)
+
+
+async def test_adaptive_thinking_and_omitted_display() -> None:
+    async with client_for() as (_, client):
+        shown = (await client.post("/v1/messages", json=msg(thinking={"type": "adaptive"}))).json()
+        hidden = (await client.post("/v1/messages", json=msg(thinking={"type": "adaptive", "display": "omitted"}))).json()
+        events = sse((await client.post("/v1/messages", json=msg(thinking={"type": "adaptive", "display": "omitted"}, stream=True))).content)
+    assert [b["type"] for b in shown["content"]] == ["thinking", "text"] and shown["content"][0]["thinking"]
+    assert hidden["content"][0]["type"] == "thinking" and hidden["content"][0]["thinking"] == "" and hidden["content"][0]["signature"]
+    first_block = [d["delta"]["type"] for n, d in events if n == "content_block_delta" and d["index"] == 0]
+    assert first_block == ["signature_delta"]  # Anthropic's omitted thinking: the signature and nothing else
+
+
+def test_help_lists_every_fault_and_its_syntax(capsys: pytest.CaptureFixture[str]) -> None:
+    from mock import FAULTS
+    from proxy.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["mock-upstream", "--help"])
+    out = capsys.readouterr().out
+    for syntax, effect in FAULTS:
+        assert f"{syntax}  " in out and effect in out
+        key, _, value = syntax.partition("=")
+        parse_fault(f"{key}={'1' if value else ''}" if value else key)  # every listed fault parses
+    assert {s.partition("=")[0] for s, _ in FAULTS} == set(Fault.__struct_fields__) - {"slow_ms"} | {"slow"}
+
+
+# ---------------------------------------------------------------------------
+# fit: any schema of the supported subset gets an instance that validates
+# ---------------------------------------------------------------------------
+
+_leaf = st.one_of(
+    st.builds(lambda lo, span: {"type": "integer", "minimum": lo, "maximum": lo + span}, st.integers(-50, 50), st.integers(0, 20)),
+    st.builds(lambda lo: {"type": "number", "exclusiveMinimum": lo}, st.integers(-5, 5)),
+    st.builds(lambda lo, hi: {"type": "string", "minLength": lo, "maxLength": lo + hi}, st.integers(0, 30), st.integers(0, 5)),
+    st.sampled_from([{"type": "boolean"}, {"type": "null"}, {"type": ["string", "null"]}, {"format": "date-time", "type": "string"}, {"enum": [1, "x", None]}, {"const": {"k": 1}}, {}]),
+)
+_schemas = st.recursive(
+    _leaf,
+    lambda inner: st.one_of(
+        st.builds(
+            lambda props, extra: {"type": "object", "properties": props, "required": sorted(props)[:1], "additionalProperties": extra},
+            st.dictionaries(st.sampled_from(["a", "b", "c"]), inner, max_size=3),
+            st.booleans(),
+        ),
+        st.builds(lambda items, n: {"type": "array", "items": items, "minItems": n, "maxItems": n + 2}, inner, st.integers(0, 3)),
+        st.builds(lambda a, b: {"anyOf": [a, b]}, inner, inner),
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=int(os.environ.get("WEIR_HYPOTHESIS_EXAMPLES", "200")), deadline=None)
+@given(_schemas, st.integers(0, 2**32))
+def test_property_fit_builds_an_instance_of_any_supported_schema(schema: dict[str, Any], seed: int) -> None:
+    import random
+
+    from mock.schema import fit
+
+    jsonschema.validate(fit(schema, random.Random(seed), VOCABULARY), schema)
+    # and through a local $ref, as Pydantic writes nested models
+    wrapped = {"$defs": {"Inner": schema}, "type": "object", "properties": {"x": {"$ref": "#/$defs/Inner"}}, "required": ["x"]}
+    jsonschema.validate(fit(wrapped, random.Random(seed), VOCABULARY), wrapped)

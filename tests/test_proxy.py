@@ -138,7 +138,8 @@ async def test_models_and_count_tokens() -> None:
             assert models.status_code == 200 and models.json()["data"]
             one = models.json()["data"][0]["id"]
             assert (await c.get(f"/v1/models/{one}")).json()["id"] == one
-            is_anthropic_error(await c.get("/v1/models/no-such-model"), 404, "not_found_error")
+            # The upstream's 404 (the mock serves every id, so it is asked to fail) reaches the client as is.
+            is_anthropic_error(await c.get("/v1/models/no-such-model", headers={"x-mock-fault": "status=404"}), 404, "not_found_error")
             count = await c.post("/v1/messages/count_tokens", content=msgspec.json.encode({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
             assert count.status_code == 200 and count.json()["input_tokens"] > 0
             is_anthropic_error(await c.post("/v1/messages/count_tokens", content=b'{"messages": []}'), 400, "invalid_request_error")
