@@ -7,6 +7,7 @@ keep Anthropic's shape so a client that wandered here still parses them.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Protocol
 
 import trio
@@ -34,8 +35,11 @@ class WeirView(Protocol):
     served: int
     draining: bool
     started: bool
+    ledger: Any  # proxy.ledger.Ledger, or None when ledger.url = "off"
 
     def ready(self) -> tuple[bool, str]: ...
+
+    async def replay(self, entry: Any) -> tuple[str, int]: ...
 
 __all__ = ["build_admin"]
 
@@ -169,6 +173,108 @@ def build_admin(weir: WeirView) -> QuartTrio:
         except L2Unavailable as exc:
             return _json_error(503, "api_error", f"the shared cache (L2) could not be purged: {exc}")
         return {"purged": purged, "tenant": tenant}
+
+    # ---- the request ledger (proxy/ledger/) --------------------------------
+
+    def _ledger_or_error() -> Any:
+        if weir.ledger is None:
+            return None, _json_error(503, "api_error", "the ledger is off (ledger.url = \"off\")")
+        return weir.ledger, None
+
+    async def _ledger_call(fn: Any) -> Any:
+        from .ledger import LedgerUnavailable
+        from .ledger.query import BadQuery
+
+        ledger, err = _ledger_or_error()
+        if err is not None:
+            return err
+        try:
+            return await fn(ledger)
+        except BadQuery as exc:
+            return _json_error(400, "invalid_request_error", str(exc))
+        except LedgerUnavailable as exc:
+            return _json_error(503, "api_error", f"the ledger database is unavailable: {exc}")
+
+    @app.get("/admin/ledger")
+    async def ledger_info() -> Any:
+        """The ledger's size on disk and its writer's figures (spooled, dropped…)."""
+
+        async def go(ledger: Any) -> Any:
+            from .ledger import LedgerUnavailable
+
+            try:
+                size: Any = await ledger.size()
+            except LedgerUnavailable as exc:
+                size = {"error": str(exc)}
+            return {"size": size, "writer": ledger.stats()}
+
+        return await _ledger_call(go)
+
+    @app.get("/admin/usage")
+    async def usage() -> Any:
+        """Usage and cost from the hourly rollups (never a scan of raw rows);
+        ``since``/``until`` are rounded to the hour."""
+        from .ledger.query import usage_query
+
+        async def go(ledger: Any) -> Any:
+            group, since, until = usage_query(request.args, time.time())
+            return {"group_by": group, "data": await ledger.usage(group, since, until), "price_version": ledger.prices.version}
+
+        return await _ledger_call(go)
+
+    @app.get("/admin/requests")
+    async def requests_() -> Any:
+        from .ledger.query import requests_query
+
+        async def go(ledger: Any) -> Any:
+            return {"data": await ledger.requests(requests_query(request.args, time.time()))}
+
+        return await _ledger_call(go)
+
+    @app.get("/admin/requests/<request_id>")
+    async def request_one(request_id: str) -> Any:
+        async def go(ledger: Any) -> Any:
+            row = await ledger.request(request_id)
+            if row is None:
+                return _json_error(404, "not_found_error", f"no request {request_id!r} in the ledger")
+            return row
+
+        return await _ledger_call(go)
+
+    @app.get("/admin/dlq")
+    async def dlq_list() -> Any:
+        from .ledger.query import limit_of, parse_time
+
+        async def go(ledger: Any) -> Any:
+            return {"data": await ledger.dlq_list(limit_of(request.args), parse_time("since", request.args.get("since"), time.time()))}
+
+        return await _ledger_call(go)
+
+    @app.get("/admin/dlq/<entry_id>")
+    async def dlq_show(entry_id: str) -> Any:
+        async def go(ledger: Any) -> Any:
+            entry = await ledger.dlq_get(entry_id)
+            if entry is None:
+                return _json_error(404, "not_found_error", f"no dead-letter entry {entry_id!r}")
+            entry["body"] = entry["body"].decode("utf-8", "replace")
+            entry["headers"] = [list(h) for h in entry["headers"]]
+            return entry
+
+        return await _ledger_call(go)
+
+    @app.post("/admin/dlq/<entry_id>/replay")
+    async def dlq_replay(entry_id: str) -> Any:
+        """Send the entry again through the router as its tenant; answer once it finished."""
+
+        async def go(ledger: Any) -> Any:
+            entry = await ledger.dlq_get(entry_id)
+            if entry is None:
+                return _json_error(404, "not_found_error", f"no dead-letter entry {entry_id!r}")
+            rid, status = await weir.replay(entry)
+            await ledger.dlq_mark(entry_id, rid, status, int(time.time() * 1e6))
+            return {"id": entry_id, "request_id": rid, "status": status}
+
+        return await _ledger_call(go)
 
     from .dashboard import register_dashboard
 

@@ -39,6 +39,8 @@ from .headers import request_id, upstream_request_headers
 from .ingress.anthropic import decode_count_tokens, decode_messages
 from .ingress.openai import decode_chat, openai_error_send
 from .kinds import classify
+from .ledger import Ledger, serve_ledger
+from .ledger.capture import row_for
 from .local_answers import local_answer
 from .logs import AccessLog, AccessRecord
 from .metrics import Metrics
@@ -83,6 +85,7 @@ class Weir:
         # not only when the rate limiter needs it to settle; set by whoever
         # wants usage recorded for every request.
         self.meter_usage = False
+        self.ledger: Ledger | None = None  # started in startup(); None when ledger.url = "off"
         self.targets: list[Target] = []
         self.router: Router | None = None
         self.cache: CacheLayer | None = None
@@ -128,6 +131,9 @@ class Weir:
 
     async def _api(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         headers = dict(scope["headers"])
+        captured: bytearray | None = None
+        if self.ledger is not None and self.ledger.bodies != "off":
+            send, captured = _capturing(send, self.ledger.body_limit)
         if path.startswith("/v1/chat/"):
             # The OpenAI ingress: every error it answers — 400, 401, 404, 405
             # included — in OpenAI's shape.
@@ -136,11 +142,15 @@ class Weir:
         else:
             out = Outcome(request_id=request_id(headers), received=time.perf_counter(), method=scope["method"], path=path)
             relay = Relay(send, out)
+        out.headers = headers
+        replay = scope.get("extensions", {}).get("weir.replay")
+        if replay is not None:
+            out.replay_of = replay["dlq_id"]
         try:
             try:
                 # Route on, and forward, the raw path as checked — never Hypercorn's decoded one.
                 path = out.path = scope["path"] = checked_path(scope.get("raw_path") or path.encode())
-                scope["query_string"] = checked_query(scope["query_string"])
+                scope["query_string"] = out.query = checked_query(scope["query_string"])
             except BadTarget as exc:
                 await relay.send_error(ProxyError(400, str(exc), "invalid_request_error"))
                 return
@@ -193,7 +203,67 @@ class Weir:
                 await relay.end_stream_with_error("api_error", f"internal error; request id {out.request_id}")
             out.result, out.error = "internal_error", "api_error"
         finally:
+            if captured:
+                out.response_body = bytes(captured)
             self.finished(out)
+
+    def _identify(self, scope: Scope, headers: Mapping[bytes, bytes]) -> Identity:
+        """The client's identity; a dead-letter replay (``Weir.replay``) runs as
+        the entry's tenant on the targets' own keys. The marker lives in the
+        ASGI scope's extensions, which only the server — never a client — sets."""
+        replay = scope.get("extensions", {}).get("weir.replay")
+        if replay is not None:
+            return Identity(tenant=replay["tenant"], passthrough=False)
+        return self.auth.identify(headers)
+
+    def _record(self, out: Outcome) -> None:
+        """The ledger's ``on_finished`` hook: one row per request, one append."""
+        ledger = self.ledger
+        assert ledger is not None
+        ledger.put(row_for(out, now_wall=time.time(), prices=ledger.prices, bodies=ledger.bodies, body_limit=ledger.body_limit))
+
+    async def replay(self, entry: Mapping[str, Any]) -> tuple[str, int]:
+        """Send a dead-letter entry again, through the whole request path, as its
+        tenant; returns (new request id, final status) once the reply is complete.
+
+        It is an ordinary request to every stage (rate limit, cache, router) and
+        gets its own ledger row, linked to the entry by ``replay_of``.
+        """
+        rid = request_id({})
+        headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in entry["headers"]]
+        headers += [(b"x-request-id", rid.encode()), (b"content-length", str(len(entry["body"])).encode())]
+        path = entry["path"]
+        scope: Scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": entry["method"],
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": entry["query"].encode("latin-1"),
+            "headers": headers,
+            "client": None,
+            "server": None,
+            "extensions": {"weir.replay": {"tenant": entry["tenant"], "dlq_id": entry["id"]}},
+        }
+        body_sent = False
+        status = 0
+
+        async def receive() -> dict[str, Any]:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": entry["body"], "more_body": False}
+            await trio.sleep_forever()  # no hang-up: the reply is read to its end
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+
+        await self._api(scope, receive, send, path)
+        return rid, status
 
     def finished(self, out: Outcome) -> None:
         """The one place a finished request's record is emitted: the access
@@ -282,9 +352,9 @@ class Weir:
         """A generation in either dialect: identify, read, decode the envelope, admit, forward."""
         out = relay.out
         try:
-            ident = self.auth.identify(headers)
+            ident = self._identify(scope, headers)
             out.tenant = ident.tenant
-            body = await self._read_body(receive, headers)
+            body = relay.out.body = await self._read_body(receive, headers)
             env = decode(body)
         except ProxyError as err:
             await relay.send_error(err)
@@ -310,9 +380,9 @@ class Weir:
         """Counted by the upstream; estimated by the adapter for a target that has no counter."""
         out = relay.out
         try:
-            ident = self.auth.identify(headers)
+            ident = self._identify(scope, headers)
             out.tenant = ident.tenant
-            body = await self._read_body(receive, headers)
+            body = relay.out.body = await self._read_body(receive, headers)
             env = decode_count_tokens(body)
         except ProxyError as err:
             await relay.send_error(err)
@@ -324,9 +394,9 @@ class Weir:
         """Routes Weir forwards without reading: models, batches, files, skills…"""
         out = relay.out
         try:
-            ident = self.auth.identify(headers)
+            ident = self._identify(scope, headers)
             out.tenant = ident.tenant
-            body = await self._read_body(receive, headers)
+            body = relay.out.body = await self._read_body(receive, headers)
         except ProxyError as err:
             await relay.send_error(err)
             return
@@ -504,6 +574,7 @@ class Weir:
                             out.breaker = resp.served.verdict
                         if relay.meter is not None and out.cache != "hit":
                             out.input_tokens, out.output_tokens = relay.meter.counts()
+                            out.cache_read_tokens, out.cache_creation_tokens = relay.meter.cache_read, relay.meter.cache_creation
                 if scope_.cancelled_caught:
                     out.result = "deadline"
                     if not relay.head_sent:
@@ -566,6 +637,12 @@ class Weir:
         if self.settings.uses_mock():
             # The quick start's mock is started by whoever runs the app (proxy/cli.py).
             raise RuntimeError("no upstream has a URL: configure one, or start Weir through `weir serve`, which starts the mock upstream")
+        # The ledger's writer flushes every buffered row when this nursery is
+        # cancelled, which happens after the server has stopped taking requests.
+        self.ledger = await nursery.start(serve_ledger, self.settings.ledger, self.settings.server.data_dir)
+        if self.ledger is not None:
+            self.meter_usage = True  # tokens and cost on every row
+            self.on_finished.append(self._record)
         for u in self.settings.upstreams:
             target = Target(u, url=u.url, keys=u.keys(self.environ), deadlines=self.settings.deadlines)
             nursery.start_soon(target.pool.reap_idle)
@@ -611,6 +688,8 @@ class Weir:
             breakers=[(lane.name, str(lane.breaker.snapshot(now)["state"])) for lane in lanes],
             keys=keys,
             cache_bytes=sizes,
+            ledger_queue=self.ledger.writer.buffered if self.ledger is not None else None,
+            ledger_spooled=self.ledger.writer.spool_pending if self.ledger is not None else None,
         )
 
     async def shutdown(self) -> None:
@@ -653,6 +732,18 @@ async def _discard_rest(receive: Receive) -> None:
         seen += len(msg.get("body", b""))
         if not msg.get("more_body", False):
             return
+
+
+def _capturing(send: Send, limit: int) -> tuple[Send, bytearray]:
+    """``send``, keeping the first ``limit`` bytes of the response body (ledger.bodies)."""
+    kept = bytearray()
+
+    async def capture(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and len(kept) < limit:
+            kept.extend(message.get("body", b"")[: limit - len(kept)])
+        await send(message)
+
+    return capture, kept
 
 
 class _ClientGone(Exception):

@@ -1,4 +1,5 @@
-"""The ``weir`` command: ``serve`` and ``mock-upstream``.
+"""The ``weir`` command: ``serve`` and ``mock-upstream``; the ledger's
+``usage``, ``requests tail`` and ``dlq`` live in proxy/ledger/cli.py.
 
 ``weir serve`` runs the app under Hypercorn's trio worker in this process
 (``--workers 1``) or in N worker processes sharing the port through
@@ -217,6 +218,7 @@ def _serve_command(ns: argparse.Namespace) -> int:
         ("port", "server.port"),
         ("workers", "server.workers"),
         ("data_dir", "server.data_dir"),
+        ("ledger", "ledger.url"),
         ("upstream", "upstreams.url"),
         ("upstream_kind", "upstreams.kind"),
         ("upstream_model", "upstreams.model"),
@@ -322,7 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upstream-model", help="model name to send upstream instead of the requested one")
     p.add_argument("--upstream-key-env", help="environment variable holding the upstream API key")
     p.add_argument("--upstream-concurrency", type=int, help="upstream connection budget (default 64)")
+    p.add_argument("--ledger", help='the request ledger: a postgresql:// URL, "off", or "" for SQLite in the data directory (the default)')
     p.set_defaults(func=_serve_command)
+
+    from .ledger.cli import add_commands
+
+    add_commands(sub)
 
     import mock
 

@@ -135,12 +135,25 @@ class Outcome(msgspec.Struct, kw_only=True):
     overhead_s: float = 0.0  # Weir's own time before the head left (x-weir-overhead-ms)
     bytes_in: int = 0
     bytes_out: int = 0
-    input_tokens: int | None = None
+    input_tokens: int | None = None  # cache writes included, as the rate limiter counts
     output_tokens: int | None = None
+    cache_read_tokens: int | None = None  # priced apart by the ledger (proxy/ledger/prices.py)
+    cache_creation_tokens: int | None = None
     dropped: tuple[str, ...] = ()
     # Weir's own trace id when tracing is on, else the client's traceparent's, else "".
     trace_id: str = ""
     span: Any = None  # the live span, ended by Weir.finished
+    # For the request ledger (proxy/ledger/capture.py), references rather than
+    # copies: the request as read (a failed one is dead-lettered with it, and
+    # ledger.bodies may keep it), its query string and header map (the ledger
+    # keeps only replay-safe headers, never a credential), the reply's first
+    # bytes when ledger.bodies asks for them, and the dead-letter entry a
+    # replay came from.
+    body: bytes = b""
+    query: bytes = b""
+    headers: Any = None
+    response_body: bytes = b""
+    replay_of: str = ""
 
     def take(self, served: Served) -> None:
         self.target = served.target

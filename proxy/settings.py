@@ -245,6 +245,46 @@ class MetricsSettings(_Base):
     max_models: int = 200
 
 
+class LedgerSettings(_Base):
+    """The request ledger (proxy/ledger/): one row per request, off the hot path."""
+
+    # "" = an SQLite file in the data directory (WAL, shared by the host's
+    # workers: the embedded default that needs nothing installed);
+    # "postgresql://…" for many hosts; "off" disables the ledger.
+    url: str = ""
+    # Request and response bodies: "off", "errors" (status >= 400) or "all".
+    # Off by default: bodies are prompts, and prompts are the tenant's data.
+    # A failed-for-good request keeps its request body in the dead-letter
+    # queue regardless, so it can be replayed.
+    bodies: Literal["off", "errors", "all"] = "off"
+    # A body longer than this is stored cut to it (a replay needs the whole
+    # request: dead-letter entries keep up to max_body_bytes of the server).
+    body_limit_bytes: int = 256 * 1024
+    # A month answers "what did we spend last month"; hourly usage rollups
+    # are kept for 400 days regardless (they are a few rows per hour).
+    retention_days: int = 30
+    bodies_retention_days: int = 7
+    dlq_retention_days: int = 7
+    # Flush every N rows or T ms, whichever first: 200 ms bounds what a
+    # kill -9 can lose to a fifth of a second of traffic; 1,000 rows is one
+    # COPY of a few hundred KB.
+    flush_rows: int = 1000
+    flush_interval_ms: float = 200.0
+    # A write slower than this counts as an outage: the batch goes to the spool.
+    write_timeout_s: float = 2.0
+    # Rows held in memory at most (≈ 25 MB); past it new rows are dropped
+    # and counted — only reachable when the spool's disk itself stalls.
+    max_buffer_rows: int = 50_000
+    # PostgreSQL: the schema the ledger's tables live in, and the pool size
+    # per worker (one writer and the admin API's reads).
+    pg_schema: str = "public"
+    pg_max_connections: int = 4
+    # The price table: "" = the one shipped in proxy/ledger/prices.toml;
+    # [ledger.prices] overrides single models: {"my-model" = {input = 1.0, output = 2.0}}.
+    prices_path: str = ""
+    prices: dict[str, dict[str, float]] = {}
+
+
 class Settings(_Base):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     deadlines: DeadlineSettings = msgspec.field(default_factory=DeadlineSettings)
@@ -263,6 +303,7 @@ class Settings(_Base):
     mock: MockSettings = msgspec.field(default_factory=MockSettings)
     claude_code: ClaudeCodeSettings = msgspec.field(default_factory=ClaudeCodeSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+    ledger: LedgerSettings = msgspec.field(default_factory=LedgerSettings)
 
     def uses_mock(self) -> bool:
         return not self.upstreams or all(not u.url for u in self.upstreams)
@@ -390,6 +431,13 @@ def _validate(s: Settings) -> None:
             raise SettingsError(f"deadlines.{field} must be positive")
     if s.metrics.refresh_s <= 0:
         raise SettingsError("metrics.refresh_s must be positive")
+    lg = s.ledger
+    if lg.url not in ("", "off") and not lg.url.startswith(("postgresql://", "postgres://")):
+        raise SettingsError("ledger.url must be empty (SQLite in the data directory), \"off\" or a postgresql:// URL")
+    if lg.flush_rows < 1 or lg.flush_interval_ms <= 0 or lg.max_buffer_rows < lg.flush_rows:
+        raise SettingsError("ledger: flush_rows >= 1, flush_interval_ms > 0 and max_buffer_rows >= flush_rows")
+    if min(lg.retention_days, lg.bodies_retention_days, lg.dlq_retention_days) < 1:
+        raise SettingsError("ledger: retention days must be at least 1")
     if d.per_try_first_byte_s < 0:
         raise SettingsError("deadlines.per_try_first_byte_s must be 0 (off) or positive")
 

@@ -34,6 +34,7 @@ class _Usage(msgspec.Struct):
     input_tokens: int = 0
     output_tokens: int = 0
     cache_creation_input_tokens: int | None = 0
+    cache_read_input_tokens: int | None = 0
     # …and OpenAI's, for /v1/chat/completions replies.
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -66,7 +67,7 @@ class UsageMeter:
     chat-completions ingress): ``prompt_tokens`` + ``completion_tokens``.
     """
 
-    __slots__ = ("_sse", "_parser", "_parts", "_size", "input", "output")
+    __slots__ = ("_sse", "_parser", "_parts", "_size", "input", "output", "cache_read", "cache_creation")
 
     def __init__(self, sse: bool) -> None:
         self._sse = sse
@@ -75,6 +76,10 @@ class UsageMeter:
         self._size = 0
         self.input = 0
         self.output = 0
+        # Broken out for the ledger's cost (cache reads and writes are priced
+        # apart); ``input`` above includes the cache writes.
+        self.cache_read = 0
+        self.cache_creation = 0
 
     def feed(self, chunk: bytes) -> None:
         if self._parser is None:
@@ -98,7 +103,12 @@ class UsageMeter:
             # message_delta carries the cumulative output count.
             self.output = max(self.output, usage.output_tokens)
         else:  # message_start, or OpenAI's final usage chunk
-            self.input, self.output = usage.counts()
+            self._take(usage)
+
+    def _take(self, usage: _Usage) -> None:
+        self.input, self.output = usage.counts()
+        self.cache_read = usage.cache_read_input_tokens or 0
+        self.cache_creation = usage.cache_creation_input_tokens or 0
 
     def counts(self) -> tuple[int, int]:
         """(input, output) tokens, once the reply has been fed whole."""
@@ -109,7 +119,7 @@ class UsageMeter:
                 usage = None
             self._parts = []
             if usage is not None:
-                self.input, self.output = usage.counts()
+                self._take(usage)
         return self.input, self.output
 
     @property

@@ -62,3 +62,16 @@ def database_url() -> str:
 # (``MockClock(autojump_threshold=0)``). Servers and clients run in the test's
 # trio run and loopback writes land in the peer's buffer during the syscall,
 # so "every task blocked" means "only timers are left": time may jump at once.
+
+
+@pytest.fixture
+def pg_schema(database_url: str):
+    """A schema of its own for one test, dropped afterwards: parallel runs never collide."""
+    import uuid
+
+    import psycopg
+
+    name = f"weir_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    yield name
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')

@@ -104,7 +104,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, limit: float = 20.0) -> None:
+def _wait_ready(url: str, proc: subprocess.Popen, limit: float = 60.0) -> None:  # a loaded 2-core machine starts Python slowly
     end = time.monotonic() + limit
     while time.monotonic() < end:
         assert proc.poll() is None, "weir serve exited during start-up"
