@@ -18,8 +18,10 @@ What counts as a failure is the caller's decision, and the contract is:
   the client's fault, and a 429 is a key's quota (the key pool's business),
   not evidence that the target is down;
 * neither — the request was cancelled (client went away, deadline hit before
-  the target could be blamed): call ``release(permit)``, so a half-open probe
-  slot is freed without counting an outcome.
+  the target could be blamed), or Weir itself refused to send it (its own
+  HTTP client rejected the request line or a header): call
+  ``release(permit)``, so a half-open probe slot is freed without counting
+  an outcome. A client must never be able to open a breaker shared by all.
 
 Every permit handed out must end in exactly one ``record`` or ``release``
 (put it in a ``finally``); a lost half-open permit would keep its probe slot

@@ -4,7 +4,16 @@ Why a pool: provider rate limits are per key (per organisation, really), so a
 deployment with several keys gets their sum only if load goes where the
 capacity is. The pool learns each key's remaining capacity from the rate-limit
 headers on every response, cools a key down after a 429, and takes a key out
-of rotation after a 401/403 until an admin re-enables it.
+of rotation when a 401/403 is *confirmed* — until an admin re-enables it.
+
+The key is shared by every tenant, so the pool must judge the key, not the
+request. A 401/403 can be the request's own doing (a beta, a model or an
+endpoint that key may not use): one tenant's odd request must not take the
+key away from all. So a 401/403 only marks the key *suspect*; the router
+then sends one cheap probe with that key (``begin_probe``/``end_probe``) and
+the key is disabled only if the probe is refused the same way. A 429 that
+names no wait cools the key for a short time that doubles while 429s keep
+coming, instead of a long fixed one.
 
 Sans-IO: no clock (``now`` is ``trio.current_time()``, passed in), no tasks,
 no sockets. The router holds a ``Lease`` for the duration of one upstream
@@ -34,9 +43,16 @@ __all__ = ["KeyPool", "KeyPoolConfig", "Lease", "parse_duration"]
 
 
 class KeyPoolConfig(msgspec.Struct, frozen=True, kw_only=True):
-    # Both providers meter requests and tokens per minute; a 429 that names no
-    # wait is most likely over after half that window.
-    cooldown_s: float = 30.0
+    # A 429 that names no wait (no retry-after, no reset header): the first
+    # cool-down is the Anthropic and OpenAI SDKs' initial retry delay (0.5 s),
+    # doubling while 429s keep coming, up to half of the per-minute window
+    # both providers meter (30 s). One 429 must not idle a shared key for long.
+    cooldown_s: float = 0.5
+    cooldown_max_s: float = 30.0
+    # After a probe found a key good, further 401/403s on it within this long
+    # are the requests' fault without another probe: one probe per key per
+    # minute at most, however many refused requests a tenant sends.
+    probe_interval_s: float = 60.0
     # An unobserved key ranks as if it had this many requests left: above a
     # key that reported it is nearly spent, below one that reported a healthy
     # budget (Anthropic's tier 2 starts at 1,000 requests a minute).
@@ -141,6 +157,10 @@ class _Key:
         "count_429",
         "count_401",
         "count_403",
+        "streak_429",
+        "suspect",
+        "probing",
+        "probed_ok_at",
     )
 
     def __init__(self, index: int, key_id: str, secret: str) -> None:
@@ -161,6 +181,10 @@ class _Key:
         self.count_429 = 0
         self.count_401 = 0
         self.count_403 = 0
+        self.streak_429 = 0  # 429s in a row: how far the default cool-down has doubled
+        self.suspect = False  # a 401/403 awaits a confirming probe
+        self.probing = False
+        self.probed_ok_at = -math.inf
 
     def __repr__(self) -> str:
         return f"<key {self.id}>"
@@ -352,14 +376,43 @@ class KeyPool:
                 wait = parse_retry_after(h.get("retry-after"), ref)
             if wait is None:
                 resets = [s for s in (cap.requests_reset_s, cap.tokens_reset_s) if s is not None]
-                wait = max(resets) if resets else self._config.cooldown_s
+                c = self._config
+                wait = max(resets) if resets else min(c.cooldown_max_s, c.cooldown_s * 2.0 ** min(k.streak_429, 32))
+            k.streak_429 += 1
             k.cooling_until = max(k.cooling_until, now + wait)
-        elif status in (401, 403):
+            return
+        k.streak_429 = 0
+        if status in (401, 403):
             if status == 401:
                 k.count_401 += 1
             else:
                 k.count_403 += 1
+            if now - k.probed_ok_at >= self._config.probe_interval_s:
+                k.suspect = True
+
+    # -- confirming a 401/403 --------------------------------------------------
+
+    def begin_probe(self, key_id: str) -> bool:
+        """True when the caller should probe this key now (it is suspect and nobody is probing it)."""
+        k = self._get(key_id)
+        if not k.suspect or k.probing or k.disabled:
+            return False
+        k.probing = True
+        return True
+
+    def end_probe(self, key_id: str, status: int | None, now: float) -> None:
+        """The probe's answer: 401/403 disables the key; any other status clears it;
+        ``None`` (no answer: unreachable, timed out, cancelled) leaves it enabled
+        and lets the next 401/403 probe again."""
+        k = self._get(key_id)
+        k.probing = False
+        if status is None:
+            return
+        k.suspect = False
+        if status in (401, 403):
             k.disabled = True
+        else:
+            k.probed_ok_at = now
 
     # -- admin -----------------------------------------------------------------
 
@@ -371,7 +424,8 @@ class KeyPool:
 
     def enable(self, key_id: str) -> None:
         """Put a disabled key back in rotation (its 429 cool-down, if any, still runs)."""
-        self._get(key_id).disabled = False
+        k = self._get(key_id)
+        k.disabled = k.suspect = False
 
     def disable(self, key_id: str) -> None:
         self._get(key_id).disabled = True

@@ -4,7 +4,8 @@ Per target (a ``Lane``): a circuit breaker, a key pool and the fair
 scheduler. For each target of the chain, in order:
 
 1. breaker open → skip it at once, without connecting;
-2. every key cooling (429) or disabled (401/403) → remember why, move on;
+2. every key cooling (429) or disabled (a 401/403 its probe confirmed) →
+   remember why, move on;
 3. wait for a scheduler slot (the only queue in front of the HTTP client:
    a pool with waiters of its own collapses, docs/ARCHITECTURE.md);
 4. send through the adapter (``proxy.upstream.adapters``) and classify what
@@ -353,6 +354,11 @@ class Router:
                         self.metrics.attempt(lane.name, _attempt_outcome(error, resp))
                     if span is not None:
                         _end_attempt(span, error, resp)
+                    if error is not None and error.kind == "refused":
+                        # Weir refused to send it: no verdict on the target or
+                        # the key (the finally below hands both back), and
+                        # every target would refuse the same bytes.
+                        raise ProxyError(400, f"the request cannot be forwarded: {error.message}", "invalid_request_error")
                     if error is not None or resp is None:
                         assert error is not None
                         lane.breaker.record(permit, False, now)
@@ -367,8 +373,12 @@ class Router:
                         # Decoded only when read: the common case (a success
                         # with no key pool) never needs it.
                         headers = _header_map(resp.headers) if lease is not None or status >= 400 else {}
+                        key_revoked = False
                         if lease is not None:
                             pool.observe(lease, status, headers, now, wallclock=time.time())  # type: ignore[union-attr]
+                            if status in (401, 403) and pool.begin_probe(lease.key_id):  # type: ignore[union-attr]
+                                key_revoked = await _confirm_key(lane, pool, lease)  # type: ignore[arg-type]
+                                now = trio.current_time()
                         # The provider budget's AIMD: a 429 lowers it, a success wins some back.
                         lane.scheduler.report(ticket, status, retry_after_from_headers(headers, time.time()) if status == 429 else None)
                         if status < 400:
@@ -383,8 +393,8 @@ class Router:
                         lane.breaker.record(permit, status < 500, now)
                         served.verdict = "success" if status < 500 else "failure"
                         permit = None
-                        if status == 429 and pool is not None and key_switches < len(pool.key_ids) - 1 and pool.soonest_available(now) == 0.0:
-                            key_switches += 1  # another key has capacity: use it now
+                        if (status == 429 or key_revoked) and pool is not None and key_switches < len(pool.key_ids) - 1 and pool.soonest_available(now) == 0.0:
+                            key_switches += 1  # the key is spent or revoked, another one has capacity: use it now
                             continue
                         should = headers.get("x-should-retry")
                         outcome = AttemptOutcome(
@@ -515,6 +525,27 @@ def _end_attempt(span: Any, error: UpstreamError | None, resp: UpstreamResponse 
 
         span.set_status(Status(StatusCode.ERROR))
     span.end()
+
+
+# A probe is one small GET; past this, call it unanswered and keep the key.
+_PROBE_TIMEOUT_S = 10.0
+
+
+async def _confirm_key(lane: Lane, pool: KeyPool, lease: Lease) -> bool:
+    """Probe a key that just got a 401/403; True when the probe was refused the same way.
+
+    The key pool decides (``end_probe``); a probe that gets no answer, or is
+    cancelled with its request, leaves the key in rotation.
+    """
+    status: int | None = None
+    try:
+        with trio.move_on_after(_PROBE_TIMEOUT_S):
+            status = await lane.target.probe_key(lease.secret)
+    except UpstreamError:
+        status = None
+    finally:
+        pool.end_probe(lease.key_id, status, trio.current_time())
+    return status in (401, 403)
 
 
 def _header_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:

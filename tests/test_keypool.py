@@ -198,7 +198,7 @@ def test_a_key_that_reported_zero_left_goes_last_after_its_cool_down() -> None:
 
 
 def test_429_cool_down_sources_in_order() -> None:
-    p = pool(1, cooldown_s=30.0)
+    p = pool(1, cooldown_s=30.0, cooldown_max_s=30.0)
     now = 1000.0
     lease = p.pick(now)
     p.observe(lease, 429, {}, now)  # no hint at all: the default
@@ -251,10 +251,16 @@ def test_all_cooling_returns_none_and_the_soonest_end() -> None:
     assert p.soonest_available(now + 5) == 0.0
 
 
+def _refused_and_confirmed(p: KeyPool, lease, status: int, now: float) -> None:  # type: ignore[no-untyped-def]
+    p.observe(lease, status, {}, now)
+    assert p.begin_probe(lease.key_id)
+    p.end_probe(lease.key_id, status, now)
+
+
 def test_401_disables_until_enabled() -> None:
     p = pool(2)
     bad = p.pick(0.0)
-    p.observe(bad, 401, {}, 0.0)
+    _refused_and_confirmed(p, bad, 401, 0.0)
     for t in range(1, 100):
         lease = p.pick(float(t))
         assert lease is not None and lease.key_id != bad.key_id
@@ -272,12 +278,52 @@ def test_401_disables_until_enabled() -> None:
 def test_all_disabled_returns_none_and_no_soonest() -> None:
     p = pool(2)
     a = p.pick(0.0)
-    p.observe(a, 401, {}, 0.0)
+    _refused_and_confirmed(p, a, 401, 0.0)
     b = p.pick(0.0)
-    p.observe(b, 403, {}, 0.0)
+    _refused_and_confirmed(p, b, 403, 0.0)
     assert p.pick(0.0) is None
     assert p.soonest_available(0.0) is None
     assert [s["count_403"] for s in p.snapshot(0.0)] == [0, 1]
+
+
+def test_a_401_alone_disables_nothing_until_a_probe_confirms_it() -> None:
+    p = pool(1)
+    lease = p.pick(0.0)
+    p.observe(lease, 403, {}, 0.0)
+    assert p.snapshot(0.0)[0]["state"] == "ok" and p.pick(0.0) is not None
+    # One probe at a time.
+    assert p.begin_probe(lease.key_id) and not p.begin_probe(lease.key_id)
+    p.end_probe(lease.key_id, 200, 0.0)  # the key works: the request was at fault
+    assert p.snapshot(1.0)[0]["state"] == "ok"
+    # Refused requests right after a good probe need no new probe…
+    for t in (1.0, 30.0, 59.0):
+        p.observe(p.pick(t), 403, {}, t)
+        assert not p.begin_probe(lease.key_id)
+    # …until probe_interval_s has passed.
+    p.observe(p.pick(60.0), 401, {}, 60.0)
+    assert p.begin_probe(lease.key_id)
+    p.end_probe(lease.key_id, None, 61.0)  # no answer: the key stays in rotation
+    assert p.snapshot(61.0)[0]["state"] == "ok"
+    assert p.begin_probe(lease.key_id)  # still suspect: the next chance probes again
+    p.end_probe(lease.key_id, 401, 62.0)
+    assert p.snapshot(62.0)[0]["state"] == "disabled" and p.pick(62.0) is None
+
+
+def test_429_without_a_wait_cools_briefly_and_backs_off_on_repeats() -> None:
+    p = pool(1)
+    now = 0.0
+    waits = []
+    for _ in range(9):
+        lease = p.pick(now)
+        assert lease is not None
+        p.observe(lease, 429, {}, now)
+        wait = p.soonest_available(now)
+        waits.append(wait)
+        now += wait
+    assert waits == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    p.observe(p.pick(now), 200, {}, now)  # an answer: the streak is over
+    p.observe(p.pick(now), 429, {}, now)
+    assert p.soonest_available(now) == 0.5
 
 
 def test_disabled_and_cooling_mixed_reports_the_cooling_one() -> None:

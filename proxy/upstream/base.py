@@ -94,7 +94,8 @@ class UpstreamError(Exception):
 
     ``kind`` drives the retry policy: ``connect`` (nothing was sent),
     ``timeout``, ``reset`` (connection dropped), ``protocol`` (not HTTP or
-    not the format we expected).
+    not the format we expected), ``refused`` (Weir's own HTTP client would
+    not send the request: the request's fault, never the target's).
     """
 
     def __init__(self, kind: str, message: str) -> None:

@@ -217,7 +217,8 @@ class ConnectionPool:
             try:
                 out = h.send(h11.Request(method=method, target=self.base_path.encode() + target, headers=all_headers))
             except h11.LocalProtocolError as exc:
-                raise UpstreamError("protocol", f"request cannot be sent upstream: {exc}") from None
+                # Our own client refuses the request: nothing reached the target.
+                raise UpstreamError("refused", f"request cannot be sent upstream: {exc}") from None
             out += h.send(h11.Data(data=body)) if body else b""
             out += h.send(h11.EndOfMessage())
             received_any = False

@@ -22,6 +22,10 @@ __all__ = ["Target"]
 # Idle pooled connections: Anthropic's edge closes idle keep-alives after
 # about a minute; dropping ours a little earlier avoids racing its close.
 _KEEPALIVE_EXPIRY_S = 50.0
+# A model list is a few KiB; the probe only needs its status.
+_PROBE_BODY_LIMIT = 256 * 1024
+# The version every SDK sends by default; the probe needs one to be a valid request.
+_ANTHROPIC_VERSION = (b"anthropic-version", b"2023-06-01")
 
 
 class Target:
@@ -57,6 +61,26 @@ class Target:
         finally:
             if resp is not None:
                 self.pool.release(resp)
+
+    async def probe_key(self, key: str) -> int:
+        """The status of the cheapest authenticated request there is — the
+        model list, with ``key`` — to tell a revoked key (401/403 here too)
+        from a request the upstream refused for its own reasons.
+
+        Anthropic: ``GET /v1/models?limit=1``; OpenAI-compatible: ``GET
+        /models`` under the base URL (which ends in ``/v1``). Raises
+        ``UpstreamError`` when no answer came.
+        """
+        if self.kind == "openai":
+            target, headers = b"/models", [(b"authorization", b"Bearer " + key.encode())]
+        else:
+            target, headers = b"/v1/models?limit=1", [(b"x-api-key", key.encode()), _ANTHROPIC_VERSION]
+        resp = await self.pool.request(b"GET", target, [(b"accept-encoding", b"identity"), *headers, *self._extra], b"")
+        try:
+            await resp.read(_PROBE_BODY_LIMIT)  # read to the end, so the connection goes back to the pool
+        finally:
+            self.pool.release(resp)
+        return resp.status
 
     async def aclose(self) -> None:
         await self.pool.aclose()
