@@ -66,16 +66,72 @@ def _event_type(raw: bytes) -> tuple[str | None, dict | None]:
 
 
 def stream_is_complete(events: list[bytes]) -> bool:
-    """Worth caching: the stream reached ``message_stop`` and carried no
-    ``error`` event (an overloaded_error mid-stream means a truncated reply)."""
-    complete = False
+    """Worth caching: a complete stream that keeps Anthropic's grammar.
+
+    A stored stream is replayed to every later request with the same key,
+    so one malformed event would be served again and again as a hit. The
+    stream is kept only if it reads, event by event::
+
+        message_start (block)* message_delta+ message_stop
+        block = content_block_start content_block_delta* content_block_stop
+
+    with ``ping`` anywhere before the end and event types this check does
+    not know (Anthropic says clients must skip them) anywhere before
+    ``message_stop``; blocks numbered from 0 without gaps, deltas and the
+    stop naming the open block; every ``data`` a JSON object whose ``type``
+    matches the event's name; no ``error`` event (an ``overloaded_error``
+    mid-stream means a truncated reply), nothing after ``message_stop``.
+    """
+    state = "start"  # → "message" → "delta" → "stop"
+    open_block: int | None = None
+    next_index = 0
     for raw in events:
-        name, _ = _event_type(raw)
-        if name == "error":
+        name, data = _parse(raw)
+        if not data:
+            if name is None:
+                continue  # a comment or keep-alive: nothing to read
+            return False  # a named event without data
+        try:
+            obj = _json_decode(data)
+        except msgspec.DecodeError:
             return False
-        if name == "message_stop":
-            complete = True
-    return complete
+        if not isinstance(obj, dict):
+            return False
+        kind = obj.get("type")
+        if name is None:
+            name = kind
+        elif kind is not None and kind != name:
+            return False
+        if state == "stop" or name == "error":
+            return False
+        if name == "ping":
+            continue
+        if name == "message_start":
+            if state != "start" or not isinstance(obj.get("message"), dict):
+                return False
+            state = "message"
+        elif name == "content_block_start":
+            if state != "message" or open_block is not None or obj.get("index") != next_index or not isinstance(obj.get("content_block"), dict):
+                return False
+            open_block, next_index = next_index, next_index + 1
+        elif name == "content_block_delta":
+            if open_block is None or obj.get("index") != open_block or not isinstance(obj.get("delta"), dict):
+                return False
+        elif name == "content_block_stop":
+            if open_block is None or obj.get("index") != open_block:
+                return False
+            open_block = None
+        elif name == "message_delta":
+            if state == "start" or open_block is not None or not isinstance(obj.get("delta"), dict):
+                return False
+            state = "delta"
+        elif name == "message_stop":
+            if state != "delta":
+                return False
+            state = "stop"
+        elif state == "start":
+            return False  # nothing but pings before message_start
+    return state == "stop"
 
 
 def assemble_message(events: list[bytes]) -> bytes:

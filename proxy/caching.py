@@ -11,8 +11,9 @@ Policy (the whole of it lives here; ``cache/`` holds the mechanisms):
   cache, but store the fresh reply. ``no-store``: do not store this reply.
   ``max-age=N``: accept only an entry younger than N seconds, and store the
   reply for at most N seconds.
-- **Never stored.** Error statuses; a stream that did not reach
-  ``message_stop`` or carried an ``error`` event (``stream_is_complete``); a
+- **Never stored.** Error statuses; a stream that is not complete and
+  well-formed — did not reach ``message_stop``, carried an ``error`` event,
+  or broke Anthropic's event grammar anywhere (``stream_is_complete``); a
   body that is not a complete message; anything over ``cache.max_entry_bytes``.
 - **The key** is ``cache.keys.cache_key`` over the tenant, the route, the
   ``anthropic-version`` and ``anthropic-beta`` headers and the body minus

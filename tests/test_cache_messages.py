@@ -144,3 +144,42 @@ def test_assemble_of_split_is_the_identity(message):
 def test_split_of_assemble_reproduces_the_event_stream(message):
     events = split_message(json.dumps(message).encode())
     assert split_message(assemble_message(events)) == events
+
+
+# -- only well-formed streams are worth storing ----------------------------------
+
+
+def _broken(events: list[bytes], at: int, replacement: bytes | None) -> list[bytes]:
+    out = list(events)
+    if replacement is None:
+        del out[at]
+    else:
+        out[at:at] = [replacement]
+    return out
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        # The mock's "malformed" fault: a delta whose JSON is cut off.
+        lambda e: _broken(e, 4, b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":\n\n'),
+        lambda e: _broken(e, 4, b"event: content_block_delta\ndata: not json\n\n"),
+        lambda e: _broken(e, 4, b"event: content_block_delta\n\n"),  # no data at all
+        lambda e: _broken(e, 4, sse("content_block_delta", {"type": "content_block_delta", "index": 7, "delta": {"type": "text_delta", "text": "x"}})),
+        lambda e: _broken(e, 4, sse("content_block_delta", {"type": "message_stop"})),  # name and type disagree
+        lambda e: _broken(e, 4, sse("message_start", {"type": "message_start", "message": {}})),  # a second start
+        lambda e: _broken(e, len(e), sse("content_block_start", {"type": "content_block_start", "index": 9, "content_block": {"type": "text", "text": ""}})),  # after the stop
+        lambda e: [x for x in e if b"content_block_stop" not in x],  # blocks never closed
+        lambda e: [x for x in e if b"message_delta" not in x],
+        lambda e: [x for x in e if b"message_start" not in x],
+    ],
+)
+def test_a_stream_that_breaks_the_grammar_is_not_complete(mutate) -> None:  # type: ignore[no-untyped-def]
+    assert stream_is_complete(STREAM)
+    assert not stream_is_complete(mutate(STREAM))
+
+
+def test_pings_comments_and_unknown_events_keep_a_stream_well_formed() -> None:
+    extra = [b": keep-alive\n\n", sse("ping", {"type": "ping"}), sse("future_event", {"type": "future_event", "detail": 1})]
+    events = [STREAM[0], *extra, *STREAM[1:-1], *extra, STREAM[-1]]
+    assert stream_is_complete(events)

@@ -71,9 +71,10 @@ def test_policy_decisions() -> None:
 def test_entry_refuses_errors_truncation_and_size() -> None:
     sse = [(b"content-type", b"text/event-stream")]
     start = b'event: message_start\ndata: {"type":"message_start","message":{"type":"message","role":"assistant","content":[],"usage":{"input_tokens":3}}}\n\n'
-    stop = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    delta = b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":1}}\n\n'
+    stop = delta + b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
     ok = build_entry(200, sse + [(b"anthropic-ratelimit-requests-remaining", b"9"), (b"request-id", b"r1")], [start, stop], now=0, ttl=9, max_bytes=10_000)
-    assert ok is not None and ok.events == [start, stop] and ok.usage == {"input_tokens": 3}
+    assert ok is not None and ok.events == [start, delta, stop[len(delta):]] and ok.usage == {"input_tokens": 3, "output_tokens": 1}
     assert ok.headers == [("request-id", "r1")]  # rate-limit headers are not replayed
     assert build_entry(200, sse, [start], now=0, ttl=9, max_bytes=10_000) is None  # no message_stop
     assert build_entry(200, sse, [start, stop[:-5]], now=0, ttl=9, max_bytes=10_000) is None  # cut mid-event
