@@ -2,7 +2,8 @@
 
 Everything a client sends goes upstream — ``anthropic-*`` headers, the SDK's
 ``x-stainless-*`` telemetry, headers that do not exist yet — except the
-hop-by-hop ones (RFC 9110 §7.6.1), the ones the upstream leg recomputes, and Weir's own
+hop-by-hop ones (RFC 9110 §7.6.1: the fixed list, and whatever the client's
+``Connection`` header names), the ones the upstream leg recomputes, and Weir's own
 ``x-weir-*`` controls. Credentials go upstream only in passthrough mode.
 """
 
@@ -39,13 +40,28 @@ _IDENTITY = (b"accept-encoding", b"identity")
 def upstream_request_headers(client_headers: list[tuple[bytes, bytes]], *, forward_credentials: bool) -> list[tuple[bytes, bytes]]:
     """The client's headers for the upstream leg; the target adds its own credentials."""
     out = [_IDENTITY]
+    listed = _connection_listed(client_headers)
     for name, value in client_headers:
         if name in HOP_BY_HOP or name in _REQUEST_RECOMPUTED or name[:7] == b"x-weir-":
+            continue
+        if listed and name in listed:
             continue
         if name in _CREDENTIALS and not forward_credentials:
             continue
         out.append((name, value))
     return out
+
+
+def _connection_listed(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Names the ``Connection`` header lists: hop-by-hop for this connection
+    only, so a proxy must not forward them (RFC 9110 §7.6.1) — a client could
+    otherwise smuggle a header past the filter by naming it there."""
+    names: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            names.update(t.strip().lower() for t in value.split(b","))
+    names.discard(b"")
+    return frozenset(names)
 
 
 def client_response_headers(upstream_headers: list[tuple[bytes, bytes]], *, drop_ratelimit: bool = False) -> list[tuple[bytes, bytes]]:
@@ -55,11 +71,13 @@ def client_response_headers(upstream_headers: list[tuple[bytes, bytes]], *, drop
     describe Weir's key, not the client's budget: Weir reports its own instead.
     The upstream's own ``x-request-id`` (OpenAI-compatible servers send one)
     travels as ``x-upstream-request-id``: ``x-request-id`` is Weir's, and a
-    response must not carry two.
+    response must not carry two. Headers the upstream's ``Connection`` names
+    are hop-by-hop too.
     """
+    drop = HOP_BY_HOP | listed if (listed := _connection_listed(upstream_headers)) else HOP_BY_HOP
     out = []
     for n, v in upstream_headers:
-        if n in HOP_BY_HOP or (drop_ratelimit and n[:20] == b"anthropic-ratelimit-"):
+        if n in drop or (drop_ratelimit and n[:20] == b"anthropic-ratelimit-"):
             continue
         if n == b"x-request-id":
             n = b"x-upstream-request-id"
