@@ -68,3 +68,30 @@ def test_the_probe_would_see_trio() -> None:
     """The module probe can fail: a module that does import trio is caught."""
     probe = "import sys, proxy.scheduler; sys.exit(1 if 'trio' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", probe]).returncode == 1
+
+
+def _imports(path: str) -> set[str]:
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(__file__).resolve().parents[1] / path).read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            found.add(("." * node.level) + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_the_admin_app_does_not_import_the_api_app() -> None:
+    """app.py builds the admin app and hands it a view of itself; the admin
+    app never reaches back (not even for type checking)."""
+    assert "proxy.admin" in _imports("proxy/app.py") or ".admin" in _imports("proxy/app.py")
+    assert not {".app", "proxy.app"} & _imports("proxy/admin.py")
+
+
+def test_the_router_does_not_import_the_relay() -> None:
+    """Layers talk down through the opener interface: the router knows nothing of the relay above it."""
+    assert not {".relay", "proxy.relay"} & _imports("proxy/router.py")
+    assert not {".app", "proxy.app", ".relay"} & _imports("proxy/caching.py")
