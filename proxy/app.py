@@ -22,6 +22,7 @@ server stopped sending requests.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -656,6 +657,9 @@ class Weir:
         self.opener = self.cache
         if self.metrics is not None:
             nursery.start_soon(self._refresh_gauges)
+        if self.settings.server.gc_freeze:
+            gc.collect()
+            gc.freeze()
         self.started = True
 
     async def _refresh_gauges(self) -> None:

@@ -70,6 +70,11 @@ class ServerSettings(_Base):
     body_idle_s: float = 60.0
     access_log: bool = True
     log_level: str = "info"
+    # Freeze everything built at start-up out of the cycle collector
+    # (gc.freeze): a full collection then walks only request garbage, not the
+    # ~85,000 start-up objects (docs/ARCHITECTURE.md). Off only for processes
+    # that start many apps (the test suite).
+    gc_freeze: bool = True
     # Every file Weir writes lives under this directory (the SQLite L2 is
     # cache.db in it). Empty: $STATE_DIRECTORY (systemd), else
     # $XDG_STATE_HOME/weir, else ~/.local/state/weir — see proxy/datadir.py.

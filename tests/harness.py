@@ -38,7 +38,7 @@ async def running_mock(**kwargs: Any) -> AsyncIterator[tuple[MockUpstream, str]]
 def make_settings(upstream_url: str | None, **sections: Any) -> Settings:
     # No L2 file and no ledger unless a test asks for one: tests must not
     # share state through the disk.
-    data: dict[str, Any] = {"server": {"host": "127.0.0.1", "port": 0, "access_log": False, "drain_s": 5}, "cache": {"l2": "none"}, "ledger": {"url": "off"}}
+    data: dict[str, Any] = {"server": {"host": "127.0.0.1", "port": 0, "access_log": False, "drain_s": 5, "gc_freeze": False}, "cache": {"l2": "none"}, "ledger": {"url": "off"}}
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **value}

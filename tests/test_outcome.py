@@ -60,6 +60,18 @@ async def test_one_outcome_per_request_with_who_answered_and_when() -> None:
     assert (line["kind"], line["project"], line["cache"], line["outcome"]) == ("main", "acme", "bypass", "ok")
 
 
+async def test_start_up_objects_are_frozen_out_of_the_cycle_collector() -> None:
+    import gc
+
+    before = gc.get_freeze_count()
+    try:
+        async with running_mock() as (mock, url):
+            async with running_weir(make_settings(url, server={"gc_freeze": True})):
+                assert gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()
+
+
 async def test_translated_responses_carry_one_x_request_id() -> None:
     """An OpenAI-compatible upstream sends its own x-request-id: it travels as
     x-upstream-request-id, and x-request-id stays Weir's, once."""
