@@ -34,6 +34,8 @@ def main() -> None:
     with open(config, "w") as f:
         f.write(f'[auth]\nadmin_key = "{ADMIN}"\n')
         f.write("[cache]\nl2 = \"none\"\nmode = \"off\"\n[server]\naccess_log = false\n")
+        # A limit nobody reaches: the limiter reads every reply's usage, so the token series exist too.
+        f.write("[ratelimit]\nrequests_per_minute = 1000000\n")
         for t in range(TENANTS):
             f.write(f'[[auth.client_keys]]\ntenant = "tenant-{t:02d}"\nkey = "key-{t:02d}"\n')
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
