@@ -316,7 +316,7 @@ class Weir:
             kind=out.kind or "",
             stream=out.stream,
             duration_s=out.total_s,
-            overhead_s=out.total_s - out.upstream_head_s,
+            overhead_s=out.overhead_s,
             ttft_s=out.first_byte_s if out.first_byte_s is not None and out.status < 400 else None,
             input_tokens=out.input_tokens or 0,
             output_tokens=out.output_tokens or 0,

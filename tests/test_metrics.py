@@ -252,3 +252,15 @@ def test_the_grafana_dashboard_queries_metrics_that_exist() -> None:
     m.set_gauges(inflight=0, breakers=[("t", "closed")], keys=[("t", "k", True)], cache_bytes=[("l1", 1)], ledger_queue=0, ledger_spooled=0)
     exposed = {name for name, _ in samples(scrape(m))}
     assert used and used <= exposed, used - exposed
+
+
+async def test_overhead_is_weirs_time_before_the_head_not_the_stream() -> None:
+    async with weir_and_mock(metrics={"public": True}) as (weir, _mock):
+        async with httpx.AsyncClient(base_url=weir.url) as client:
+            r = await client.post("/v1/messages", content=body(stream=True), headers={"x-api-key": "k", "x-mock-fault": "slow=40"})
+            assert r.status_code == 200
+            text = (await client.get("/metrics")).text
+    duration = value(text, "weir_request_duration_seconds_sum")
+    assert duration > 0.3  # the stream took its time…
+    assert value(text, "weir_overhead_seconds_sum") < duration / 3  # …which is not Weir's
+    assert 0 < value(text, "weir_time_to_first_token_seconds_sum") < duration
