@@ -306,6 +306,16 @@ class Weir:
                 log.exception("on_finished hook failed", extra={"request_id": out.request_id})
 
     def _measure(self, out: Outcome) -> None:
+        # Tokens and cost as the ledger counts them (proxy/ledger/capture.py):
+        # what the upstream billed, so a hit or a coalesced follower adds none.
+        billed = out.input_tokens is not None and out.cache not in ("hit", "coalesced")
+        cache_write = (out.cache_creation_tokens or 0) if billed else 0
+        input_tokens = max(0, (out.input_tokens or 0) - cache_write) if billed else 0
+        output_tokens = (out.output_tokens or 0) if billed else 0
+        cache_read = (out.cache_read_tokens or 0) if billed else 0
+        cost = 0.0
+        if billed and self.ledger is not None:
+            cost = self.ledger.prices.cost(out.served_model or out.model, input_tokens, output_tokens, cache_read, cache_write)[0] / 1e6
         self.metrics.request(  # type: ignore[union-attr]
             route=out.path,
             tenant=out.tenant,
@@ -318,8 +328,11 @@ class Weir:
             duration_s=out.total_s,
             overhead_s=out.overhead_s,
             ttft_s=out.first_byte_s if out.first_byte_s is not None and out.status < 400 else None,
-            input_tokens=out.input_tokens or 0,
-            output_tokens=out.output_tokens or 0,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cache_read_tokens=cache_read,
+            cache_creation_tokens=cache_write,
+            cost_usd=cost,
         )
 
     def _end_span(self, out: Outcome) -> None:

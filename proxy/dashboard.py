@@ -25,7 +25,7 @@ import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import trio
 from quart import Response, redirect, request
@@ -41,6 +41,8 @@ COOKIE = "weir_dashboard"
 # A working day: long enough not to interrupt an on-call shift, short enough
 # that a forgotten browser does not stay logged in for good.
 SESSION_S = 12 * 3600
+# Rows in the recent-requests and dead-letter tables: a screenful.
+RECENT = 20
 # One snapshot a second: the charts' resolution; Prometheus covers the long view.
 TICK_S = 1.0
 _STATIC = {
@@ -214,6 +216,7 @@ async def _dashboard_page(weir: Weir) -> str:
         cache_rows.append(["l1 (this worker)", l1.get("entries", 0), l1.get("bytes", 0), l1.get("hits", 0), l1.get("misses", 0)])
         if stats.get("l2_backend", "none") != "none":
             cache_rows.append([f"l2 ({stats['l2_backend']})", l2.get("entries", "–"), l2.get("bytes", "–"), l2.get("hits", 0), l2.get("misses", 0)])
+    ledger_html = await _ledger_tables(weir)
     charts = "".join(f"<figure class=chart><figcaption>{_e(title)}</figcaption><div id=chart-{cid} class=plot></div></figure>" for cid, title in CHARTS)
     purge = "<form method=post action='/dashboard/cache/purge'><button type=submit id=purge>Purge the cache</button></form>" if weir.cache is not None else ""
     body = (
@@ -228,9 +231,56 @@ async def _dashboard_page(weir: Weir) -> str:
         + _table(["level", "entries", "bytes", "hits", "misses"], cache_rows, "the cache is off", "cache")
         + purge
         + "</section>"
-        "<script src='/dashboard/static/uPlot.iife.min.js'></script><script src='/dashboard/static/dashboard.js'></script>"
+        + ledger_html
+        + "<script src='/dashboard/static/uPlot.iife.min.js'></script><script src='/dashboard/static/dashboard.js'></script>"
     )
     return _page("Weir dashboard", body)
+
+
+def _when(us: Any) -> str:
+    try:
+        return time.strftime("%H:%M:%S", time.gmtime(int(us) / 1e6))
+    except (TypeError, ValueError, OverflowError):
+        return ""
+
+
+def _request_link(rid: Any) -> _Raw:
+    rid = str(rid)
+    return _Raw(f"<td><a href='/dashboard/requests/{quote(rid, safe='')}'>{_e(rid)}</a></td>")
+
+
+async def _ledger_tables(weir: Weir) -> str:
+    """Recent requests and the dead-letter queue, from the ledger (the admin API's own queries)."""
+    ledger = weir.ledger
+    if ledger is None:
+        return "<section><h2>Recent requests</h2><p class=empty id=requests>The ledger is off.</p></section>"
+    from .ledger import LedgerUnavailable
+    from .ledger.query import requests_query
+
+    try:
+        recent = await ledger.requests(requests_query({"limit": str(RECENT)}, time.time()))
+        dead = await ledger.dlq_list(RECENT, None)
+    except LedgerUnavailable as exc:
+        return f"<section><h2>Recent requests</h2><p class=error id=requests>The ledger database is unavailable: {_e(exc)}</p></section>"
+    rows = [
+        [_request_link(r.get("request_id")), _when(r.get("started_at")), r.get("tenant", ""), r.get("model", ""), r.get("target", ""), r.get("status", ""), r.get("outcome", ""), r.get("cache", ""),
+         f"{r.get('input_tokens', 0)} / {r.get('output_tokens', 0)}", f"{int(r.get('cost_micros', 0) or 0) / 1e6:.6f}", f"{int(r.get('total_us', 0) or 0) / 1000:.1f}"]
+        for r in recent
+    ]
+    dlq_rows = []
+    for d in dead:
+        entry = quote(str(d.get("id", "")), safe="")
+        replayed = d.get("replayed_request_id") or ""
+        button = _Raw(f"<td><form method=post action='/dashboard/dlq/{entry}/replay'><button type=submit class=replay>Replay</button></form></td>")
+        dlq_rows.append([d.get("id", ""), _request_link(d.get("request_id")), _when(d.get("started_at")), d.get("tenant", ""), d.get("model", ""), d.get("status", ""), d.get("error_type", ""),
+                         f"{replayed} ({d.get('replayed_status')})" if replayed else "–", button])
+    return (
+        "<section><h2>Recent requests</h2>"
+        + _table(["request id", "started (UTC)", "tenant", "model", "target", "status", "outcome", "cache", "tokens in / out", "cost (USD)", "ms"], rows, "no requests recorded yet", "requests")
+        + "</section><section><h2>Dead-letter queue</h2>"
+        + _table(["entry", "request id", "started (UTC)", "tenant", "model", "status", "error", "replayed as", ""], dlq_rows, "empty", "dlq")
+        + "</section>"
+    )
 
 
 # ---------------------------------------------------------------- routes
@@ -315,6 +365,43 @@ def register_dashboard(app: QuartTrio, weir: Weir) -> None:
                 await trio.sleep(TICK_S)
 
         return Response(stream(), content_type="text/event-stream", headers={**_HEADERS, "x-accel-buffering": "no"})
+
+    @app.get("/dashboard/requests/<request_id>")
+    async def request_detail(request_id: str) -> Any:
+        """One ledger row, every column: the drill-down from the recent-requests table."""
+        if not logged_in():
+            return page(_login_page("Log in first."), 401)
+        if weir.ledger is None:
+            return page(_page("Weir", "<p>The ledger is off.</p><a href='/dashboard'>back</a>"), 404)
+        from .ledger import LedgerUnavailable
+
+        try:
+            row = await weir.ledger.request(request_id)
+        except LedgerUnavailable as exc:
+            return page(_page("Weir", f"<p class=error>The ledger database is unavailable: {_e(exc)}</p>"), 503)
+        if row is None:
+            return page(_page("Weir", f"<p>No request {_e(request_id)} in the ledger.</p><a href='/dashboard'>back</a>"), 404)
+        cells = [[k, v] for k, v in row.items()]
+        return page(_page(f"Weir — {request_id}", f"<header><h1>Request {_e(request_id)}</h1><a href='/dashboard'>back</a></header>" + _table(["field", "value"], cells, "", "request")))
+
+    @app.post("/dashboard/dlq/<entry_id>/replay")
+    async def replay(entry_id: str) -> Any:
+        """What ``POST /admin/dlq/{id}/replay`` does, for the button: send it again as its tenant."""
+        if not logged_in() or not same_origin():
+            return page(_login_page("Log in first."), 401)
+        if weir.ledger is None:
+            return page(_page("Weir", "<p>The ledger is off.</p>"), 404)
+        from .ledger import LedgerUnavailable
+
+        try:
+            entry = await weir.ledger.dlq_get(entry_id)
+            if entry is None:
+                return page(_page("Weir", f"<p>No dead-letter entry {_e(entry_id)}.</p><a href='/dashboard'>back</a>"), 404)
+            rid, status = await weir.replay(entry)
+            await weir.ledger.dlq_mark(entry_id, rid, status, int(time.time() * 1e6))
+        except LedgerUnavailable as exc:
+            return page(_page("Weir", f"<p class=error>The ledger database is unavailable: {_e(exc)}</p>"), 503)
+        return redirect("/dashboard", 303)
 
     @app.get("/dashboard/static/<name>")
     async def static_file(name: str) -> Any:

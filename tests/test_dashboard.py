@@ -91,6 +91,8 @@ async def test_purge_needs_the_cookie_and_this_origin() -> None:
         async with httpx.AsyncClient(base_url=weir.url) as client:
             assert (await client.post("/v1/messages", content=body(), headers={"x-api-key": "ka"})).status_code == 200
             assert (await client.post("/dashboard/cache/purge")).status_code == 401
+            assert (await client.post("/dashboard/dlq/some-entry/replay")).status_code == 401
+            assert (await client.get("/dashboard/requests/some-id")).status_code == 401
             await login(client)
             assert (await client.post("/dashboard/cache/purge", headers={"origin": "https://evil.example"})).status_code == 401
             assert (await weir.app.cache.stats())["l1"]["entries"] == 1
@@ -131,7 +133,7 @@ def _wait_points(page: object, n: int, limit_ms: int = 20000) -> None:
         waited += 200
 
 
-def _browse(url: str, shot: str, traffic_started: trio.Event | None = None) -> dict[str, object]:
+def _browse(url: str, shot: str, sent: list[str]) -> dict[str, object]:
     from playwright.sync_api import sync_playwright
 
     seen: dict[str, object] = {"external": []}
@@ -148,14 +150,29 @@ def _browse(url: str, shot: str, traffic_started: trio.Event | None = None) -> d
             # Charts draw once two snapshots a second apart have arrived and traffic flows.
             _wait_points(page, 3)
             seen["cookie_visible_to_js"] = page.evaluate("document.cookie")
-            page.reload()
-            page.wait_for_selector("#tenants")
+            # The ledger's recent requests show ids the client was given.
+            for _ in range(50):
+                page.reload()
+                page.wait_for_selector("#tenants")
+                if any(rid in page.inner_text("#requests") for rid in list(sent)):
+                    break
+                page.wait_for_timeout(200)
             seen["tenants"] = page.inner_text("#tenants")
+            seen["requests"] = page.inner_text("#requests")
             _wait_points(page, 2)
             page.screenshot(path=shot, full_page=True)
             page.click("#purge")
             page.wait_for_selector("#cache")
             seen["cache_after_purge"] = page.inner_text("#cache")
+            # The dead-letter entry of the failed request: replay it from its button.
+            seen["dlq_before"] = page.inner_text("#dlq")
+            page.click("#dlq button.replay")
+            page.wait_for_selector("#dlq")
+            seen["dlq_after"] = page.inner_text("#dlq")
+            # Drill down into one request.
+            page.click("#requests a")
+            page.wait_for_selector("#request")
+            seen["detail"] = page.inner_text("#request")
         finally:
             browser.close()
     return seen
@@ -164,23 +181,46 @@ def _browse(url: str, shot: str, traffic_started: trio.Event | None = None) -> d
 async def test_dashboard_in_a_real_browser() -> None:
     _need_browser()
     shot = os.path.join(tempfile.mkdtemp(prefix="weir-dashboard-"), "dashboard.png")
-    async with weir_and_mock(auth=AUTH, cache={"mode": "all"}) as (weir, _mock):
+    sent: list[str] = []
+    ledger = {"server": {"data_dir": tempfile.mkdtemp(prefix="weir-dashboard-data-")}, "ledger": {"url": "", "flush_interval_ms": 20}, "retry": {"max_attempts": 1}}
+    async with weir_and_mock(auth=AUTH, cache={"mode": "all"}, **ledger) as (weir, _mock):
         async with httpx.AsyncClient(base_url=weir.url) as client:
+            failed = await client.post("/v1/messages", content=body(), headers={"x-api-key": "ka", "x-mock-fault": "status=503"})
+            assert failed.status_code == 503
             async with trio.open_nursery() as nursery:
 
                 async def traffic() -> None:
                     i = 0
                     while True:
                         key = "ka" if i % 3 else "kb"
-                        await client.post("/v1/messages", content=body(messages=[{"role": "user", "content": f"hi {i % 5}"}]), headers={"x-api-key": key})
+                        r = await client.post("/v1/messages", content=body(messages=[{"role": "user", "content": f"hi {i % 5}"}]), headers={"x-api-key": key})
+                        sent.append(r.headers["x-request-id"])
                         i += 1
                         await trio.sleep(0.05)
 
                 nursery.start_soon(traffic)
-                seen = await trio.to_thread.run_sync(partial(_browse, weir.url, shot))
+                seen = await trio.to_thread.run_sync(partial(_browse, weir.url, shot, sent))
                 nursery.cancel_scope.cancel()
     assert seen["external"] == [], "the page fetched nothing from elsewhere"
     assert COOKIE not in str(seen["cookie_visible_to_js"]), "the session cookie is HttpOnly"
     assert "team-a" in str(seen["tenants"]) and "team-b" in str(seen["tenants"])
+    assert any(rid in str(seen["requests"]) for rid in sent), "request ids the clients got are in the table"
+    assert failed.headers["x-request-id"] in str(seen["dlq_before"]) and "Replay" in str(seen["dlq_before"])
+    assert "(200)" in str(seen["dlq_after"]), "the replayed entry shows its new request and status"
+    assert "request_id" in str(seen["detail"])
     assert os.path.getsize(shot) > 10_000
     print("screenshot:", shot)
+
+
+async def test_tokens_and_cost_reach_the_metrics_at_the_ledgers_prices() -> None:
+    ledger = {"server": {"data_dir": tempfile.mkdtemp(prefix="weir-metrics-cost-")}, "ledger": {"url": "", "flush_interval_ms": 20}}
+    async with weir_and_mock(auth=AUTH, metrics={"public": True}, **ledger) as (weir, _mock):
+        async with httpx.AsyncClient(base_url=weir.url) as client:
+            r = await client.post("/v1/messages", content=body(), headers={"x-api-key": "ka"})
+            assert r.status_code == 200
+            text = (await client.get("/metrics")).text
+            micros, _ = weir.app.ledger.prices.cost("claude-sonnet-4-5", r.json()["usage"]["input_tokens"], r.json()["usage"]["output_tokens"])
+    from tests.test_metrics import value
+
+    assert value(text, "weir_tokens_total", tenant="team-a", type="output") == r.json()["usage"]["output_tokens"] > 0
+    assert micros > 0 and abs(value(text, "weir_cost_usd_total", tenant="team-a") - micros / 1e6) < 1e-9
