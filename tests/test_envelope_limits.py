@@ -88,6 +88,15 @@ def test_duplicate_model_is_400(decode, base: bytes) -> None:  # type: ignore[no
     _refused(decode, b'{"model":"cheap",' + base[1:] + b"}", "'model' more than once")
 
 
+def test_chat_shapes_only_openai_targets_know_still_decode() -> None:
+    # Kinds of tool the translator has no word for are its to refuse (a
+    # TranslationError, 400), not the decoder's: an OpenAI target takes them.
+    decode_chat(
+        b'{"model":"m","messages":[{"role":"assistant","tool_calls":[{"type":"custom","custom":{"name":"x","input":"y"}}]}],'
+        b'"tools":[{"type":"custom","custom":{"name":"x"}}],"tool_choice":{"type":"allowed_tools","allowed_tools":{"mode":"auto","tools":[]}}}'
+    )
+
+
 @pytest.mark.parametrize(
     "field",
     [

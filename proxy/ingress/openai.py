@@ -48,7 +48,9 @@ class _CallFunction(msgspec.Struct):
 
 
 class _ToolCall(msgspec.Struct):
-    function: _CallFunction
+    # Optional: OpenAI has tool kinds besides functions ("custom"); the
+    # translator refuses those itself, an OpenAI target takes them.
+    function: _CallFunction | None = None
     id: str | None = None
     type: str = "function"
 
@@ -68,7 +70,7 @@ class _Function(msgspec.Struct):
 
 
 class _Tool(msgspec.Struct):
-    function: _Function
+    function: _Function | None = None
     type: str = "function"
 
 
@@ -77,7 +79,7 @@ class _NamedFunction(msgspec.Struct):
 
 
 class _ToolChoice(msgspec.Struct):
-    function: _NamedFunction
+    function: _NamedFunction | None = None
     type: str = "function"
 
 
