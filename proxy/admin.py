@@ -182,7 +182,7 @@ def build_admin(weir: WeirView) -> QuartTrio:
         return weir.ledger, None
 
     async def _ledger_call(fn: Any) -> Any:
-        from .ledger import LedgerUnavailable
+        from .ledger.store import LedgerUnavailable
         from .ledger.query import BadQuery
 
         ledger, err = _ledger_or_error()
@@ -200,7 +200,7 @@ def build_admin(weir: WeirView) -> QuartTrio:
         """The ledger's size on disk and its writer's figures (spooled, dropped…)."""
 
         async def go(ledger: Any) -> Any:
-            from .ledger import LedgerUnavailable
+            from .ledger.store import LedgerUnavailable
 
             try:
                 size: Any = await ledger.size()

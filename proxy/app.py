@@ -40,7 +40,7 @@ from .headers import request_id, upstream_request_headers
 from .ingress.anthropic import decode_count_tokens, decode_messages
 from .ingress.openai import decode_chat, openai_error_send
 from .kinds import classify
-from .ledger import Ledger, serve_ledger
+from .ledger.service import Ledger, serve_ledger
 from .ledger.capture import row_for
 from .local_answers import local_answer
 from .logs import AccessLog, AccessRecord

@@ -24,6 +24,15 @@ PURE_MODULES = [
     "proxy.translate",
     "proxy.kinds",
     "proxy.local_answers",
+    # The ledger but its trio shell (proxy/ledger/writer.py, service.py).
+    "proxy.ledger.row",
+    "proxy.ledger.capture",
+    "proxy.ledger.prices",
+    "proxy.ledger.store",
+    "proxy.ledger.spool",
+    "proxy.ledger.query",
+    "proxy.ledger.sqlite",
+    "proxy.ledger.postgres",
 ]
 
 # Pure cores that share a module with their trio shell (proxy/scheduler.py is

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from proxy.ledger import open_store
+from proxy.ledger.service import open_store
 from proxy.ledger.row import Bodies, DeadLetter, LedgerRow
 from proxy.ledger.store import DAY_US, HOUR_US, Query
 
