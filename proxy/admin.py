@@ -35,7 +35,7 @@ class WeirView(Protocol):
     served: int
     draining: bool
     started: bool
-    ledger: Any  # proxy.ledger.Ledger, or None when ledger.url = "off"
+    ledger: Any  # proxy.ledger.service.Ledger, or None when ledger.url = "off"
 
     def ready(self) -> tuple[bool, str]: ...
 

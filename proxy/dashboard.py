@@ -254,7 +254,7 @@ async def _ledger_tables(weir: Weir) -> str:
     ledger = weir.ledger
     if ledger is None:
         return "<section><h2>Recent requests</h2><p class=empty id=requests>The ledger is off.</p></section>"
-    from .ledger import LedgerUnavailable
+    from .ledger.store import LedgerUnavailable
     from .ledger.query import requests_query
 
     try:
@@ -373,7 +373,7 @@ def register_dashboard(app: QuartTrio, weir: Weir) -> None:
             return page(_login_page("Log in first."), 401)
         if weir.ledger is None:
             return page(_page("Weir", "<p>The ledger is off.</p><a href='/dashboard'>back</a>"), 404)
-        from .ledger import LedgerUnavailable
+        from .ledger.store import LedgerUnavailable
 
         try:
             row = await weir.ledger.request(request_id)
@@ -391,7 +391,7 @@ def register_dashboard(app: QuartTrio, weir: Weir) -> None:
             return page(_login_page("Log in first."), 401)
         if weir.ledger is None:
             return page(_page("Weir", "<p>The ledger is off.</p>"), 404)
-        from .ledger import LedgerUnavailable
+        from .ledger.store import LedgerUnavailable
 
         try:
             entry = await weir.ledger.dlq_get(entry_id)
