@@ -3,7 +3,8 @@
 
 ``weir serve`` runs the app under Hypercorn's trio worker in this process
 (``--workers 1``) or in N worker processes sharing the port through
-``SO_REUSEPORT``, each a whole Weir with its own lifespan nursery. It owns
+``SO_REUSEPORT``, each a whole Weir with its own lifespan nursery, restarted
+by proxy/supervisor.py if it dies. It owns
 the signals so that draining is Weir's: SIGTERM flips ``/ready`` to 503 and
 refuses new requests, waits ``server.drain_notice_s`` for load balancers to
 notice, then closes the listeners and lets in-flight streams finish for up
@@ -18,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -159,45 +161,30 @@ class BuiltinMockApp:
 
 
 def _run_workers(settings: Settings) -> int:
-    """N worker processes on one port. The parent keeps the port bound (not
-    listening, so the kernel hands it no connections) to reserve it and to
-    resolve port 0, and forwards signals to the children, which drain themselves."""
-    import subprocess
+    """N supervised worker processes on one port (proxy/supervisor.py). The
+    parent keeps the port bound (not listening, so the kernel hands it no
+    connections) to reserve it and to resolve port 0."""
+    from .supervisor import supervise
 
     s = settings.server
     reserve = _reuse_port_socket(s.host, s.port)
     port = reserve.getsockname()[1]
     settings = msgspec.structs.replace(settings, server=msgspec.structs.replace(s, port=port, workers=1))
-    payload = msgspec.json.encode(settings)
-    children = []
-    for _ in range(s.workers):
-        # Settings (which may hold keys) go through stdin, not argv or the environment.
-        child = subprocess.Popen([sys.executable, "-m", "proxy.cli", "_worker"], stdin=subprocess.PIPE)
-        assert child.stdin is not None
-        child.stdin.write(payload)
-        child.stdin.close()
-        children.append(child)
     print(f"weir: {s.workers} workers on http://{s.host}:{port}", file=sys.stderr, flush=True)
+    hooks: dict[str, Any] = {}
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from .metrics import mark_worker_dead, worker_restarts
 
-    def forward(signum: int, _frame: Any) -> None:
-        for c in children:
-            if c.poll() is None:
-                c.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    codes = []
-    for c in children:
-        codes.append(c.wait())
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            from .metrics import mark_worker_dead
-
-            mark_worker_dead(c.pid)  # its live gauges leave the sum; its counters stay
-    reserve.close()
-    return max(codes, default=0)
+        # A dead worker's live gauges leave the sum (its counters stay); restarts
+        # are counted in this process's file, summed into weir_worker_restarts_total.
+        hooks = {"on_exit": mark_worker_dead, "on_restart": worker_restarts().inc}
+    try:
+        return trio.run(partial(supervise, msgspec.json.encode(settings), s.workers, port, s.data_path(f"supervisor-{port}.json"), **hooks))
+    finally:
+        reserve.close()
 
 
-def _worker_main() -> int:
+def _worker_main(ready_fd: int) -> int:
     settings = msgspec.json.decode(sys.stdin.buffer.read(), type=Settings)
     from .logs import configure_logging
 
@@ -205,7 +192,11 @@ def _worker_main() -> int:
     sock = _reuse_port_socket(settings.server.host, settings.server.port)
 
     async def main() -> None:
-        await serve(settings, sock=sock)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(serve, settings, sock=sock))
+            # Serving: tell the supervisor (a worker dying before this is not restarted).
+            os.write(ready_fd, b"1")
+            os.close(ready_fd)
 
     trio.run(main)
     return 0
@@ -342,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_worker"]:
-        return _worker_main()
+        return _worker_main(int(argv[1]))
     ns = build_parser().parse_args(argv)
     return int(ns.func(ns) or 0)
 
