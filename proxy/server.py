@@ -27,10 +27,19 @@ reproduced over raw sockets in ``tests/test_attack.py``.
    cancelled between ``send_eof`` and ``aclose`` and the socket stays open until
    the client leaves. Closing is cleanup: ``_close`` is shielded here (a
    checkpoint and two syscalls, it cannot block).
-3. **Containment.** Anything else that escapes one connection is logged with
+3. **Protocol errors answered like every other error.** When h11 refuses a
+   request Hypercorn answers with an empty body, and with 501 for a
+   transfer-coding it does not know. Here: a 4xx with an Anthropic-shaped body
+   (400 for the unknown coding too — RFC 9112 §6.1 says SHOULD 501, but a
+   stranger's bytes never earn a 5xx from Weir), then close.
+4. **HTTP/1.1 only, in cleartext.** Hypercorn switches a connection to HTTP/2
+   on ``upgrade: h2c`` or on the HTTP/2 preface, and every guard here is
+   HTTP/1.1's; LLM clients speak HTTP/1.1 to a plain-text gateway (HTTP/2 comes
+   with TLS, terminated in front). Such requests are answered in HTTP/1.1.
+5. **Containment.** Anything else that escapes one connection is logged with
    its traceback and closes that connection; it never reaches the listener's
    nursery, so one connection can no longer take the worker with it.
-4. **Deadlines Hypercorn has no knob for.** Its ``read_timeout`` bounds every
+6. **Deadlines Hypercorn has no knob for.** Its ``read_timeout`` bounds every
    read, including the silence of a client waiting on a ten-minute stream, so it
    cannot be used. Here: the request head must arrive whole within
    ``header_timeout_s`` (from accept for the first request, from its first byte
@@ -39,7 +48,7 @@ reproduced over raw sockets in ``tests/test_attack.py``.
    body may go silent at most ``body_idle_s``. Expiry answers 408 with
    ``connection: close`` when nothing was answered yet, then closes.
 
-When it can go: items 1-2 when a Hypercorn release closes #203 and shields
+When it can go: items 1-4 when a Hypercorn release closes #203 and shields
 ``_close`` — run ``tests/test_attack.py`` against it without ``install()``;
 ``pyproject.toml`` pins the tested range, since this subclass relies on
 ``TCPServer``'s private members (``send_lock``, ``stream``, ``protocol``).
@@ -80,6 +89,43 @@ def _timeout_response(what: str) -> bytes:
         b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
     )
     return head + body
+
+
+# h11's status hint → what Weir answers (always with connection: close).
+_PROTOCOL_ERRORS = {
+    431: (431, "the request head is too large"),
+    501: (400, "unsupported transfer-encoding: only chunked is accepted"),
+}
+
+
+def _protocol_error_sender(protocol: Any) -> Any:
+    """A replacement for one H11Protocol's ``_send_error_response``."""
+
+    async def send_error_response(status_hint: int) -> None:
+        status, message = _PROTOCOL_ERRORS.get(status_hint, (400, "malformed HTTP/1.1 request"))
+        body = error_body("invalid_request_error", message)
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), (b"connection", b"close")]
+        conn = protocol.connection
+        try:
+            # One synchronous run of h11 then one write: an app answering at the
+            # same moment is refused by h11 instead of slipping bytes in between.
+            data = b"".join(
+                conn.send(event) or b""
+                for event in (
+                    h11.Response(status_code=status, headers=headers + protocol.config.response_headers("h11")),
+                    h11.Data(data=body),
+                    h11.EndOfMessage(),
+                )
+            )
+        except h11.LocalProtocolError:
+            return  # the app's answer went first
+        await protocol.send(RawData(data=data))
+
+    return send_error_response
+
+
+async def _stay_http11(request: h11.Request) -> None:
+    """Replaces H11Protocol._check_protocol: no switch to HTTP/2 (h2c or preface)."""
 
 
 class _LastRequestH11(h11.Connection):
@@ -137,6 +183,8 @@ class GuardedTCPServer(TCPServer):
         if isinstance(getattr(h11_protocol, "connection", None), h11.Connection):
             # Nothing was received yet: swap in the h11 that honours RFC 9112 §9.6.
             h11_protocol.connection = _LastRequestH11(h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size)
+            h11_protocol._send_error_response = _protocol_error_sender(h11_protocol)
+            h11_protocol._check_protocol = _stay_http11
         header_timeout = getattr(self.config, "header_timeout_s", DEFAULT_HEADER_TIMEOUT_S)
         body_idle = getattr(self.config, "body_idle_s", DEFAULT_BODY_IDLE_S)
         head_since: float | None = trio.current_time()  # the first head: from accept

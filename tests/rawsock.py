@@ -38,10 +38,11 @@ class Answer:
     error: str | None = None  # why the bytes are not well-formed HTTP/1.1 responses
 
 
-async def exchange(port: int, data: bytes | list[bytes], *, half_close: bool = True, read_s: float = 5.0, gap_s: float = 0.0, methods: list[bytes] | None = None) -> Answer:
+async def exchange(port: int, data: bytes | list[bytes], *, half_close: bool = True, read_s: float = 5.0, gap_s: float = 0.0, methods: list[bytes] | None = None, until_reply: bool = False) -> Answer:
     """Send ``data`` (chunks ``gap_s`` apart), optionally half-close, read until
-    EOF or ``read_s``. The answer's replies are parsed as responses to
-    ``methods`` (default: GET for each), which matters only for HEAD."""
+    EOF or ``read_s`` (or, with ``until_reply``, until one whole reply). The
+    answer's replies are parsed as responses to ``methods`` (default: GET for
+    each), which matters only for HEAD."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     chunks = [data] if isinstance(data, bytes) else data
     raw = bytearray()
@@ -64,6 +65,8 @@ async def exchange(port: int, data: bytes | list[bytes], *, half_close: bool = T
                         closed = True
                         break
                     raw += got
+                    if until_reply and parse_replies(bytes(raw), methods)[0]:
+                        break
             except trio.BrokenResourceError:
                 closed = reset = True
     answer = Answer(bytes(raw), closed, reset)

@@ -92,6 +92,37 @@ async def test_websocket_upgrade_is_refused_with_a_4xx() -> None:
     assert answer.closed
 
 
+@pytest.mark.parametrize(
+    ("payload", "status"),
+    [
+        (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip\r\n\r\n", 400),  # h11: 501
+        (b"GET /health HTTP/1.1\r\nhost x\r\n\r\n", 400),
+        (b"GET /health HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 100_000 + b"\r\n\r\n", 431),
+    ],
+)
+async def test_protocol_errors_are_4xx_with_a_body(payload: bytes, status: int) -> None:
+    async with weir_and_mock() as (weir, _):
+        answer = await exchange(port_of(weir.url), payload, half_close=False, read_s=3)
+    assert well_formed(answer) is None and answer.closed, answer
+    [reply] = answer.replies
+    assert reply.status == status and b'"type":"invalid_request_error"' in reply.body, reply
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: upgrade, http2-settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    ],
+)
+async def test_no_switch_to_http2_in_cleartext(payload: bytes) -> None:
+    # The guards (deadlines, close handling) are HTTP/1.1's: a stranger may not leave it.
+    async with weir_and_mock() as (weir, _):
+        answer = await exchange(port_of(weir.url), payload, half_close=False, read_s=1)
+    assert answer.raw.startswith(b"HTTP/1.1 ") and not answer.raw.startswith(b"HTTP/1.1 101"), answer.raw[:200]
+    assert well_formed(answer) is None and all(r.status < 500 for r in answer.replies), answer
+
+
 # ------------------------------------------------------------ deadlines (virtual time)
 
 
