@@ -44,7 +44,7 @@ def _wait(predicate, what: str, timeout: float = 30):  # type: ignore[no-untyped
 
 def test_a_killed_worker_is_restarted_and_the_port_keeps_answering(tmp_path: Path) -> None:
     port = closed_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WEIR_SERVER__ACCESS_LOG": "false", "WEIR_CACHE__L2": "none"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WEIR_SERVER__ACCESS_LOG": "false", "WEIR_CACHE__L2": "none", "WEIR_METRICS__PUBLIC": "true"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port), "--workers", "2", "--data-dir", str(tmp_path)],
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -68,8 +68,10 @@ def test_a_killed_worker_is_restarted_and_the_port_keeps_answering(tmp_path: Pat
         assert failures == 0
         after = _wait(lambda: (s := read_state(state_path)) and len(s.workers) == 2 and s.worker_restarts == 1 and s, "a restart")
         assert victim not in after.workers and "SIGKILL" in after.last_exit
-        # The new worker serves: every worker pid answers sooner or later.
         assert answers()
+        # The metrics engineer's counter, summed over the multiprocess directory.
+        scrape = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert "weir_worker_restarts_total 1.0" in scrape, [l for l in scrape.splitlines() if "restarts" in l]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert not os.path.exists(state_path)
