@@ -55,7 +55,10 @@ When it can go: items 1-4 when a Hypercorn release closes #203 and shields
 
 The ASGI side (``Guard``) refuses WebSocket upgrades with a 400: nothing in
 Weir speaks WebSocket, and an app that simply returns makes Hypercorn answer a
-bare 500.
+bare 500. It also answers 400 for a ``Host`` that werkzeug cannot IDNA-encode
+(an empty or over-long label, ``we..ir``) on the Quart-served routes: Quart
+raises ``BadHost`` outside its error handling there, which became a 500
+(found by loadtests/soak's fuzzer).
 """
 
 from __future__ import annotations
@@ -248,6 +251,17 @@ def install() -> None:
     run.TCPServer = GuardedTCPServer  # type: ignore[misc]
 
 
+def _host_ok(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether werkzeug's URL map can bind this Host (it IDNA-encodes it, lowercased)."""
+    for name, value in headers:
+        if name == b"host":
+            try:
+                value.decode("latin-1").lower().encode("idna")
+            except UnicodeError:
+                return False
+    return True
+
+
 class Guard:
     """ASGI in front of the app: refuses WebSocket upgrades with a 400."""
 
@@ -255,6 +269,14 @@ class Guard:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            if scope["path"].startswith("/v1/") or _host_ok(scope["headers"]):
+                await self.app(scope, receive, send)
+                return
+            body = error_body("invalid_request_error", "malformed Host header")
+            await send({"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
+            await send({"type": "http.response.body", "body": body})
+            return
         if scope["type"] != "websocket":
             await self.app(scope, receive, send)
             return

@@ -108,6 +108,16 @@ async def test_protocol_errors_are_4xx_with_a_body(payload: bytes, status: int) 
     assert reply.status == status and b'"type":"invalid_request_error"' in reply.body, reply
 
 
+@pytest.mark.parametrize("host", [b"we..ir", b"a" * 64 + b".example", b"."])
+async def test_a_host_quart_cannot_bind_is_a_400_not_a_500(host: bytes) -> None:
+    # Found by loadtests/soak: werkzeug raised BadHost outside Quart's handlers.
+    async with weir_and_mock() as (weir, _):
+        answer = await exchange(port_of(weir.url), b"GET /health HTTP/1.1\r\nhost: " + host + b"\r\nconnection: close\r\n\r\n", half_close=False)
+    assert well_formed(answer) is None, answer
+    [reply] = answer.replies
+    assert reply.status == 400 and b"invalid_request_error" in reply.body, reply
+
+
 @pytest.mark.parametrize(
     "payload",
     [
