@@ -6,34 +6,7 @@ Weir never depends on it: ``weir serve`` (``proxy/cli.py``) starts it only when
 no upstream is configured and hands Weir its URL as an ordinary upstream.
 """
 
-from .upstream import (
-    FAULTS,
-    VOCABULARY,
-    Fault,
-    MockCore,
-    MockSettings,
-    MockUpstream,
-    Plan,
-    RecordedRequest,
-    add_arguments,
-    main,
-    parse_fault,
-    serve_forever,
-    settings_from_args,
-)
+from . import upstream as _upstream
+from .upstream import *  # noqa: F403 - the package is its one module's public names
 
-__all__ = [
-    "FAULTS",
-    "VOCABULARY",
-    "Fault",
-    "MockCore",
-    "MockSettings",
-    "MockUpstream",
-    "Plan",
-    "RecordedRequest",
-    "add_arguments",
-    "main",
-    "parse_fault",
-    "serve_forever",
-    "settings_from_args",
-]
+__all__ = _upstream.__all__

@@ -88,12 +88,23 @@ _TAIL_COLS = ("ended", "request_id", "tenant", "model", "target", "status", "out
 
 
 def _tail(ns: argparse.Namespace) -> int:
+    # A trio program like the rest of Weir: the poll's HTTP call runs in a
+    # worker thread, the wait between polls is trio's.
+    import trio
+
+    return trio.run(_follow, ns)
+
+
+async def _follow(ns: argparse.Namespace) -> int:
+    import trio
+
     seen: dict[str, float] = {}
     start = time.time() - ns.since_s
     print("  ".join(_TAIL_COLS), flush=True)
     while True:
         now = time.time()
-        doc = _get(ns, "/admin/requests", {"ended_since": str(max(start, now - _TAIL_WINDOW_S)), "tenant": ns.tenant, "limit": "1000"})
+        params = {"ended_since": str(max(start, now - _TAIL_WINDOW_S)), "tenant": ns.tenant, "limit": "1000"}
+        doc = await trio.to_thread.run_sync(lambda: _get(ns, "/admin/requests", params))
         fresh = [r for r in doc["data"] if r["request_id"] + str(r["started_at"]) not in seen]
         for r in sorted(fresh, key=lambda r: r["ended_at"]):
             seen[r["request_id"] + str(r["started_at"])] = now
@@ -106,7 +117,7 @@ def _tail(ns: argparse.Namespace) -> int:
             del seen[k]
         if ns.once:
             return 0
-        time.sleep(_TAIL_EVERY_S)
+        await trio.sleep(_TAIL_EVERY_S)
 
 
 def _dlq(ns: argparse.Namespace) -> int:
