@@ -27,6 +27,7 @@ import trio
 
 from .datadir import DataDirError, prepare_data_dir
 from .settings import Settings, SettingsError, UpstreamSettings, check_exposure, load_settings
+from .supervisor import SUPERVISOR_PID_ENV
 
 log = logging.getLogger("weir")
 
@@ -184,7 +185,29 @@ def _run_workers(settings: Settings) -> int:
         reserve.close()
 
 
+def _die_with_supervisor() -> None:
+    """Drain and exit when the supervisor is gone, instead of lingering as an orphan.
+
+    A supervisor killed with SIGKILL (or by the OOM killer) cannot stop its
+    workers: they would keep serving the port for as long as their drain allows
+    and block the next ``weir serve`` from binding it cleanly. Linux's
+    PR_SET_PDEATHSIG has the kernel send SIGTERM — the ordinary drain — the
+    moment the parent dies; the ppid check covers a parent that died before
+    the request took effect. Elsewhere this is a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != int(os.environ.get(SUPERVISOR_PID_ENV, os.getppid())):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _worker_main(ready_fd: int) -> int:
+    _die_with_supervisor()
     settings = msgspec.json.decode(sys.stdin.buffer.read(), type=Settings)
     from .logs import configure_logging
 

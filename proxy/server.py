@@ -1,8 +1,8 @@
 """The HTTP/1.1 server under the app: Hypercorn's trio worker, one connection guarded.
 
-Hypercorn 0.18's trio connection (``hypercorn/trio/tcp_server.py``) has two
-faults a stranger can reach, and lacks two deadlines a gateway needs. Each is
-reproduced over raw sockets in ``tests/test_attack.py``.
+Hypercorn 0.18's trio connection (``hypercorn/trio/tcp_server.py``) has
+faults a stranger can reach and lacks deadlines a gateway needs; each item
+below is reproduced over raw sockets in ``tests/test_attack.py``.
 
 1. **A remote crash (pgjones/hypercorn#203, open).** When h11 refuses bytes on a
    connection — data after a ``connection: close`` request, a second HTTP/1.0

@@ -39,9 +39,12 @@ import trio
 
 log = logging.getLogger("weir.supervisor")
 
-__all__ = ["SupervisorState", "restart_delay", "supervise", "STATE_ENV"]
+__all__ = ["SupervisorState", "restart_delay", "supervise", "STATE_ENV", "SUPERVISOR_PID_ENV"]
 
 STATE_ENV = "WEIR_SUPERVISOR_STATE"
+# The supervisor's pid, so a worker can tell it was orphaned before it asked
+# to die with its parent (proxy/cli.py _die_with_supervisor).
+SUPERVISOR_PID_ENV = "WEIR_SUPERVISOR_PID"
 
 # First restart after half a second (a worker's start-up takes about that), doubling
 # to at most 30 s; a worker that ran STABLE_S before dying starts again from the first
@@ -117,7 +120,7 @@ async def supervise(
                 # Its own session: a terminal's Ctrl-C reaches the supervisor
                 # only, which forwards it once (twice would mean "stop now").
                 start_new_session=True,
-                env={**os.environ, STATE_ENV: state_path},
+                env={**os.environ, STATE_ENV: state_path, SUPERVISOR_PID_ENV: str(os.getpid())},
             )
         finally:
             os.close(ready_w)

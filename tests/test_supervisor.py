@@ -104,3 +104,41 @@ async def test_a_worker_that_dies_after_serving_is_restarted_and_counted(tmp_pat
             assert s.last_exit.endswith("exit code 1")
             nursery.cancel_scope.cancel()
     assert s.worker_restarts >= 2
+
+
+def test_workers_drain_and_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    """kill -9 on the supervisor must not leave orphan workers holding the port."""
+    port = closed_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WEIR_SERVER__ACCESS_LOG": "false", "WEIR_CACHE__L2": "none", "WEIR_LEDGER__URL": "off"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port), "--workers", "2", "--data-dir", str(tmp_path)],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    state_path = str(tmp_path / f"supervisor-{port}.json")
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        # A zombie is dead too (its parent, now init, reaps it when it gets to it).
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    try:
+        workers = _wait(lambda: (s := read_state(state_path)) and len(s.workers) == 2 and s.workers, "two workers")
+        proc.kill()
+        proc.wait()
+        _wait(lambda: not any(alive(pid) for pid in workers), "the orphaned workers to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in read_state(state_path).workers if os.path.exists(state_path) else []:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
