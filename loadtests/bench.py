@@ -52,7 +52,6 @@ import json
 import os
 import re
 import resource
-import socket
 import statistics
 import sys
 import tempfile
@@ -67,6 +66,7 @@ import trio
 from proxy.sse import SSEParser
 
 from .payload import claude_code_body, claude_code_headers
+from .procs import free_port
 from .record import RESULTS, add_save_flag, record
 
 __all__ = [
@@ -310,12 +310,6 @@ def render_markdown(report: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------
 # The trio shell: processes, sampling, wrk
 # ---------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _read(path: str) -> str:
@@ -614,7 +608,7 @@ async def run(bench: Bench) -> dict[str, Any]:
     py = str(VENV_BIN / "python")
     on_server = ["taskset", "-c", str(bench.server_core)] if cfg.pin else []
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    mock_port, floor_port = _free_port(), _free_port()
+    mock_port, floor_port = free_port(), free_port()
     mock_url, floor_url = f"http://127.0.0.1:{mock_port}", f"http://127.0.0.1:{floor_port}"
     mock = Server(
         "mock",
@@ -628,7 +622,7 @@ async def run(bench: Bench) -> dict[str, Any]:
     )  # fmt: skip
 
     def weir(access_log: bool) -> Server:
-        port = _free_port()
+        port = free_port()
         argv = on_server + [py, "-m", "proxy.cli", "serve", "--port", str(port), "--workers", "1", "--upstream", mock_url]
         return Server("weir" if access_log else "weir-nolog", argv, _weir_env(access_log), tmp / f"weir-{int(access_log)}.log", f"http://127.0.0.1:{port}/ready")
 

@@ -25,7 +25,8 @@ import httpx
 import msgspec
 import trio
 
-from loadtests.bench import VENV_BIN, Server, _free_port, _pin, _tree, _weir_env, lua_script, run_wrk
+from loadtests.bench import VENV_BIN, Server, _pin, _tree, _weir_env, lua_script, run_wrk
+from loadtests.procs import free_port
 from loadtests.record import add_save_flag, record
 
 _BODY = msgspec.json.encode({"model": "claude-sonnet-4-5", "max_tokens": 64, "temperature": 0, "messages": [{"role": "user", "content": "bench the cache"}]})
@@ -44,7 +45,7 @@ async def main_async(duration: float, connections: int) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="weir-bench-cache-"))
     py = str(VENV_BIN / "python")
     env = _weir_env(False)
-    mock_port, floor_port = _free_port(), _free_port()
+    mock_port, floor_port = free_port()()
     mock_url = f"http://127.0.0.1:{mock_port}"
     mock = Server("mock", [py, "-m", "mock", "--port", str(mock_port)], env, tmp / "mock.log", mock_url + "/_mock/stats")
     floor = Server("floor", [str(VENV_BIN / "hypercorn"), "-c", "python:proxy.hypercorn_conf.config", "--bind", f"127.0.0.1:{floor_port}", "loadtests.floor:app"],
@@ -72,7 +73,7 @@ async def main_async(duration: float, connections: int) -> dict:
         results["floor"] = {"rps": floor_res.rps, "p99_ms": floor_res.p99_ms}
         print(f"floor: {floor_res.rps:,.0f} req/s p99 {floor_res.p99_ms:.1f} ms", flush=True)
         for name, extra in levels.items():
-            port = _free_port()
+            port = free_port()
             w = Server(name, [py, "-m", "proxy.cli", "serve", "--port", str(port), "--workers", "1", "--upstream", mock_url],
                        {**env, **extra}, tmp / f"weir-{name.replace(' ', '-')}.log", f"http://127.0.0.1:{port}/ready")
             await w.start(nursery)

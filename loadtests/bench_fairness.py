@@ -36,7 +36,8 @@ import httpx
 import msgspec
 import trio
 
-from loadtests.bench import VENV_BIN, Server, _free_port, _weir_env
+from loadtests.bench import VENV_BIN, Server, _weir_env
+from loadtests.procs import free_port
 from loadtests.record import add_save_flag, record
 
 BUDGET = 16  # the target's connection budget: the scheduler's cap
@@ -174,7 +175,7 @@ def render(report: dict[str, Any]) -> str:
 async def main_async(quick: bool) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="weir-fair-"))
     py = str(VENV_BIN / "python")
-    mock_port = _free_port()
+    mock_port = free_port()
     report: dict[str, Any] = {"budget": BUDGET, "quick": quick}
     async with trio.open_nursery() as nursery:
         mock = Server("mock", [py, "-m", "mock", "--port", str(mock_port), "--workers", "2"], _weir_env(False), tmp / "mock.log", f"http://127.0.0.1:{mock_port}/_mock/stats")
@@ -182,7 +183,7 @@ async def main_async(quick: bool) -> dict[str, Any]:
         for policy in ("fair", "fifo"):
             cfg = tmp / f"{policy}.toml"
             cfg.write_text(_config(f"http://127.0.0.1:{mock_port}", policy))
-            port = _free_port()
+            port = free_port()
             weir = Server(f"weir-{policy}", [py, "-m", "proxy.cli", "serve", "--port", str(port), "--config", str(cfg)], _weir_env(False), tmp / f"weir-{policy}.log", f"http://127.0.0.1:{port}/ready")
             await weir.start(nursery)
             try:

@@ -40,7 +40,8 @@ from typing import Any
 
 import trio
 
-from .bench import RESULTS, VENV_BIN, Bench, BenchConfig, Server, _free_port, _pin, _tree, _weir_env
+from .bench import RESULTS, VENV_BIN, Bench, BenchConfig, Server, _pin, _tree, _weir_env
+from .procs import free_port
 from .record import add_save_flag, record
 
 _PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
@@ -86,10 +87,10 @@ async def run(bench: Bench, rounds: int) -> dict[str, Any]:
     py = str(VENV_BIN / "python")
     on_server = ["taskset", "-c", str(bench.server_core)] if cfg.pin else []
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    mock_port = _free_port()
+    mock_port = free_port()
     mock_url = f"http://127.0.0.1:{mock_port}"
     mock = Server("mock", [py, "-m", "mock", "--port", str(mock_port), "--output-tokens", str(cfg.output_tokens)], env, tmp / "mock.log", mock_url + "/_mock/stats")
-    sink_port = _free_port()
+    sink_port = free_port()
     sink = Server(
         "otlp-sink",
         [str(VENV_BIN / "hypercorn"), "-c", "python:proxy.hypercorn_conf.config", "--bind", f"127.0.0.1:{sink_port}", "loadtests.floor:app"],
@@ -106,7 +107,7 @@ async def run(bench: Bench, rounds: int) -> dict[str, Any]:
         _pin(await trio.to_thread.run_sync(_tree, mock.pid), bench.load_core)
         for r in range(rounds):
             for name, extra in table.items():
-                port = _free_port()
+                port = free_port()
                 data_dir = tmp / f"data-{name}"
                 wenv = {**_weir_env(True), **extra, "WEIR_SERVER__DATA_DIR": str(data_dir)}
                 argv = on_server + [py, "-m", "proxy.cli", "serve", "--port", str(port), "--workers", "1", "--upstream", mock_url]

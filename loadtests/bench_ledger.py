@@ -38,6 +38,8 @@ from proxy.ledger.postgres import PostgresStore
 from proxy.ledger.row import LedgerRow
 from proxy.ledger.sqlite import SQLiteStore
 
+from loadtests.procs import free_port, wait_ready
+
 ROOT = Path(__file__).resolve().parent.parent
 DATABASE_URL = os.environ.get("WEIR_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REQ = b'{"model":"claude-sonnet-4-5","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}'
@@ -201,16 +203,16 @@ async def bench_outage(requests: int, concurrency: int) -> dict:
 
 
 def bench_kill9(seconds: float, clients: int) -> dict:
-    from tests.test_settings_cli import _free_port, _wait_ready
 
     with tempfile.TemporaryDirectory() as d:
         cfg = Path(d) / "weir.toml"
         cfg.write_text(f'[server]\naccess_log = false\ndata_dir = "{d}/data"\n[cache]\nmode = "off"\n[ledger]\nflush_interval_ms = 200\n')
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--port", str(port), "--config", str(cfg)], cwd=d, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_ready(url, proc, limit=60)
+            if not wait_ready(url, proc):
+                raise RuntimeError("weir serve did not become ready")
             done: list[tuple[str, float]] = []
 
             async def load() -> None:

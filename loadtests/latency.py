@@ -30,14 +30,9 @@ import time
 from pathlib import Path
 
 from .payload import claude_code_body, claude_code_headers
+from .procs import free_port, stop
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(port: int, proc: subprocess.Popen) -> None:
@@ -92,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     body = tmp / "body.json"
     body.write_bytes(claude_code_body(stream=False))
     headers = {k: v for k, v in claude_code_headers().items() if k.lower() != "content-type"}
-    mport, wport = _free_port(), _free_port()
+    mport, wport = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WEIR_CACHE__L2": "none", "WEIR_SERVER__DATA_DIR": str(tmp)}
     procs = []
     try:
@@ -134,13 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(json.dumps(result, indent=2))
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs, timeout=10)
     return 0
 
 

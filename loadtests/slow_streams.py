@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,13 +26,9 @@ from pathlib import Path
 import httpx
 import trio
 
+from .procs import free_port, stop, wait_ready
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss_kib(pid: int) -> int:
@@ -109,7 +104,7 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=2000)
     args = parser.parse_args()
     data_dir = tempfile.mkdtemp(prefix="weir-slow-")
-    mock_port, port = _free_port(), _free_port()
+    mock_port, port = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WEIR_SERVER__ACCESS_LOG": "false", "WEIR_CACHE__L2": "none", "WEIR_METRICS__ENABLED": "false"}
     log = open(os.path.join(data_dir, "log"), "wb")
     # 400 tokens at 2 a second: each stream lasts minutes.
@@ -120,26 +115,12 @@ def main() -> int:
         env=env, stdout=log, stderr=log,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                print("weir did not start", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
+        if not wait_ready(f"http://127.0.0.1:{port}", weir):
+            print("weir did not start", file=sys.stderr)
+            return 1
         trio.run(run, port, args.streams, _weir_pid(weir.pid))
     finally:
-        weir.terminate()
-        mock.terminate()
-        for p in (weir, mock):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop([weir, mock])
     return 0
 
 

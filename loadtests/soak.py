@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,18 +37,14 @@ from proxy.supervisor import read_state
 from tests.rawsock import exchange, parse_replies
 from tests.wirefuzz import cases, judge
 
+from .procs import free_port, stop
+
 ROOT = Path(__file__).resolve().parent.parent
 
 FAULTS = [
     "", "status=429;retry_after=1", "status=500", "status=529", "status=400", "hang", "hang_after=3",
     "reset_after=3", "malformed", "error_event_after=3", "unknown_event", "fail_first=1;status=529", "slow=50",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _proc_figures(pid: int) -> tuple[int, int]:
@@ -216,7 +211,7 @@ def main() -> int:
     args = parser.parse_args()
 
     data_dir = tempfile.mkdtemp(prefix="weir-soak-")
-    mock_port, port = _free_port(), _free_port()
+    mock_port, port = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WEIR_SERVER__ACCESS_LOG": "false", "WEIR_DEADLINES__TOTAL_S": "20", "WEIR_DEADLINES__IDLE_S": "10"}
     log = open(os.path.join(data_dir, "weir.log"), "wb")
     config = os.path.join(data_dir, "weir.toml")
@@ -244,13 +239,7 @@ def main() -> int:
         fig = trio.run(drive, args, port, state_path)
         state = read_state(state_path)
     finally:
-        weir.terminate()
-        mock.terminate()
-        for p in (weir, mock):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop([weir, mock])
 
     warm = [s for s in fig.samples if s[0] >= 60] or fig.samples
     first, last = warm[0], fig.samples[-1]
