@@ -366,9 +366,7 @@ class Weir:
         """A generation in either dialect: identify, read, decode the envelope, admit, forward."""
         out = relay.out
         try:
-            ident = self._identify(scope, headers)
-            out.tenant = ident.tenant
-            body = relay.out.body = await self._read_body(receive, headers)
+            ident, body = await self._identified_body(scope, receive, relay, headers)
             env = decode(body)
         except ProxyError as err:
             await relay.send_error(err)
@@ -394,9 +392,7 @@ class Weir:
         """Counted by the upstream; estimated by the adapter for a target that has no counter."""
         out = relay.out
         try:
-            ident = self._identify(scope, headers)
-            out.tenant = ident.tenant
-            body = relay.out.body = await self._read_body(receive, headers)
+            ident, body = await self._identified_body(scope, receive, relay, headers)
             env = decode_count_tokens(body)
         except ProxyError as err:
             await relay.send_error(err)
@@ -404,13 +400,19 @@ class Weir:
         ctx = self._context(scope, headers, out, ident, body, env.model, False)
         await self._forward(scope, receive, relay, ctx, body)
 
+    async def _identified_body(self, scope: Scope, receive: Receive, relay: Relay, headers: dict[bytes, bytes]) -> tuple[Identity, bytes]:
+        """Who is asking, then what they sent (bounded): every handler's first step.
+        Both go on the outcome as soon as they are known, so a refusal is logged with them."""
+        ident = self._identify(scope, headers)
+        relay.out.tenant = ident.tenant
+        body = relay.out.body = await self._read_body(receive, headers)
+        return ident, body
+
     async def passthrough(self, scope: Scope, receive: Receive, relay: Relay, headers: dict[bytes, bytes]) -> None:
         """Routes Weir forwards without reading: models, batches, files, skills…"""
         out = relay.out
         try:
-            ident = self._identify(scope, headers)
-            out.tenant = ident.tenant
-            body = relay.out.body = await self._read_body(receive, headers)
+            ident, body = await self._identified_body(scope, receive, relay, headers)
         except ProxyError as err:
             await relay.send_error(err)
             return
