@@ -39,12 +39,18 @@ What a real client needs to run its loops against it, on both APIs:
   thinking block with its signature and no text, as Anthropic does.
 * **Models.** ``/v1/models/{id}`` answers for any id, as ``/v1/messages``
   accepts any model; the list holds a few well-known ones.
+* **Message batches.** Anthropic's ``/v1/messages/batches`` API (create,
+  retrieve, list, cancel, delete, JSONL results): a batch ends ``batch_ms``
+  after its creation (``x-mock-batch-ms`` on the create), its requests
+  answered by the same generator as ``/v1/messages``; ``results_url`` points
+  at the mock itself (``_Batches``).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import datetime
 import hashlib
 import math
 import os
@@ -55,6 +61,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -95,6 +102,10 @@ class MockSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     tokens_per_second: float = 0  # 0 = unpaced: the whole reply in one write (benchmark mode)
     output_tokens: int = 16  # words in a reply: enough to make several deltas, small enough to read
     fault: str = ""  # default fault for every request (header syntax); "" = healthy
+    # A message batch ends this long after it was created (x-mock-batch-ms on
+    # the create overrides it). Anthropic's take minutes to 24 h; a test's or
+    # a demo's should take a moment.
+    batch_ms: float = 1000
     workers: int = 1  # processes sharing the port via SO_REUSEPORT; 1 = this process only
     reuse_port: bool = False  # set on worker children (and implied by workers > 1)
 
@@ -749,7 +760,7 @@ class _Bad(Exception):
         self.status = status
 
 
-_OVERRIDES = (b"x-mock-latency-ms", b"x-mock-ttft-ms", b"x-mock-tokens-per-second", b"x-mock-output-tokens")
+_OVERRIDES = (b"x-mock-latency-ms", b"x-mock-ttft-ms", b"x-mock-tokens-per-second", b"x-mock-output-tokens", b"x-mock-batch-ms")
 # Identical failing requests remembered for fail_first; a retry test needs a handful.
 _FAIL_KEYS = 10_000
 # Parsed fault specs kept; a test suite uses a few dozen distinct ones.
@@ -772,6 +783,7 @@ class MockCore:
         self._default_fault = parse_fault(settings.fault)  # a bad --fault fails at start-up
         self._window: collections.deque[float] = collections.deque()
         self.rate_limited = 0  # requests refused by the rate_limit fault
+        self.batches = _Batches(self)
 
     def _fault(self, spec: str) -> Fault:
         fault = self._faults.get(spec)
@@ -781,14 +793,16 @@ class MockCore:
             fault = self._faults[spec] = parse_fault(spec)
         return fault
 
-    def respond(self, req: RecordedRequest, now: float = 0.0) -> Plan:
+    def respond(self, req: RecordedRequest, now: float = 0.0, wall: float = 0.0) -> Plan:
+        """``now`` is the shell's monotonic clock (faults' windows, when a batch
+        ends); ``wall`` the epoch seconds a batch object's timestamps show."""
         openai = _speaks_openai(req)
         try:
-            return self._respond(req, openai, now)
+            return self._respond(req, openai, now, wall)
         except _Bad as exc:
             return _error_plan(exc.status, str(exc), openai)
 
-    def _respond(self, req: RecordedRequest, openai: bool, now: float) -> Plan:
+    def _respond(self, req: RecordedRequest, openai: bool, now: float, wall: float) -> Plan:
         s = self.settings
         fault_spec: str | None = None
         overrides: dict[bytes, bytes] = {}
@@ -807,6 +821,7 @@ class MockCore:
             ttft = float(overrides.get(b"x-mock-ttft-ms", s.ttft_ms)) / 1000
             tps = float(overrides.get(b"x-mock-tokens-per-second", s.tokens_per_second))
             n = int(overrides.get(b"x-mock-output-tokens", s.output_tokens))
+            batch_s = float(overrides.get(b"x-mock-batch-ms", s.batch_ms)) / 1000
         except ValueError as exc:
             raise _Bad(400, f"bad x-mock-* header: {exc}") from None
 
@@ -839,6 +854,10 @@ class MockCore:
                 plan.latency = latency
                 return plan
 
+        if req.path.startswith(_BATCHES):
+            plan = self.batches.respond(req, now, wall, batch_s, n)
+            plan.latency = latency
+            return plan
         plan = self._route(req, openai, fault, n)
         plan.latency = latency
         if plan.events is not None:
@@ -964,6 +983,233 @@ class MockCore:
             plan.events = _openai_events(reply, fault, include)
             return plan
         return Plan(200, headers + [_JSON], _openai_completion(reply))
+
+
+# ---------------------------------------------------------------------------
+# Message batches (Anthropic's API; sans-IO like the rest of the core)
+# ---------------------------------------------------------------------------
+
+_BATCHES = "/v1/messages/batches"
+# Anthropic's contract: custom_id's pattern, at most 100,000 requests, results
+# kept 24 h past creation at the latest (expires_at), list pages of 1..1000 (20 by default).
+_CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+_BATCH_MAX_REQUESTS = 100_000
+_BATCH_EXPIRY_S = 86_400
+_LIST_DEFAULT, _LIST_MAX = 20, 1000
+# Batches remembered; past this the oldest is forgotten, so a long run cannot grow memory.
+_KEEP_BATCHES = 1_000
+# What the SDK's batches.results() asks for (Accept) and gets.
+_JSONL = (b"content-type", b"application/binary")
+
+
+class _BatchRequest(msgspec.Struct):
+    custom_id: Any = None
+    params: msgspec.Raw = msgspec.Raw(b"")
+
+
+class _BatchCreate(msgspec.Struct):
+    requests: list[msgspec.Raw] = []  # each kept as bytes, so its params are forwarded as sent
+
+
+_decode_batch_create = msgspec.json.Decoder(_BatchCreate).decode
+_decode_batch_request = msgspec.json.Decoder(_BatchRequest).decode
+
+
+class _Batch:
+    """One batch: its requests (custom_id, params bytes) and its clock.
+
+    ``due`` is on the shell's monotonic clock (when it ends); ``created`` and
+    ``canceled`` are wall seconds, for the timestamps a client reads.
+    """
+
+    __slots__ = ("id", "items", "created", "due", "span", "canceled", "counts")
+
+    def __init__(self, id: str, items: list[tuple[str, bytes]], created: float, due: float, span: float) -> None:
+        self.id = id
+        self.items = items
+        self.created = created
+        self.due = due
+        self.span = span
+        self.canceled: float | None = None
+        self.counts: dict[str, int] | None = None  # tallied once, when it has ended
+
+
+def _rfc3339(wall: float) -> str:
+    """Anthropic's timestamps: RFC 3339, UTC, microseconds, ``Z``."""
+    return datetime.datetime.fromtimestamp(wall, datetime.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class _Batches:
+    """Anthropic's Message Batches API: create, retrieve, list, cancel, delete, results.
+
+    A batch does nothing until ``batch_ms`` has passed; then it has ended and
+    every request is answered by the core's own message generator, so a
+    result is the byte-identical body ``/v1/messages`` would give, computed
+    when the results are read (nothing but the requests is kept). A request
+    whose params ``/v1/messages`` would refuse is ``errored`` with that error;
+    a batch canceled before it ended has every request ``canceled``.
+    ``results_url`` points at the mock itself (its Host), as Anthropic's
+    points at api.anthropic.com.
+    """
+
+    def __init__(self, core: MockCore) -> None:
+        self._core = core
+        self._by_id: dict[str, _Batch] = {}  # creation order: the list is this, newest first
+        self._seq = 0
+
+    def respond(self, req: RecordedRequest, now: float, wall: float, span: float, n: int) -> Plan:
+        rest = req.path[len(_BATCHES) :]
+        method = req.method
+        if not rest:
+            if method == "POST":
+                return self._create(req, now, wall, span)
+            _need(method, "GET")
+            return self._list(req, now)
+        parts = rest.split("/")
+        if parts[0] or len(parts) > 3 or not parts[1]:
+            raise _Bad(404, f"no route for {method} {req.path}")
+        batch = self._by_id.get(parts[1])
+        if batch is None:
+            raise _Bad(404, f"message batch {parts[1]!r} not found")
+        base = "http://" + (req.header(b"host") or b"localhost").decode("latin-1")
+        if len(parts) == 2:
+            if method == "DELETE":
+                if now < batch.due:
+                    raise _Bad(400, f"message batch {batch.id} is still processing; cancel it and wait for it to end before deleting it")
+                del self._by_id[batch.id]
+                return Plan(200, [_JSON], _encode({"id": batch.id, "type": "message_batch_deleted"}))
+            _need(method, "GET")
+            return self._object_plan(batch, now, base)
+        if parts[2] == "cancel":
+            _need(method, "POST")
+            if batch.canceled is None and now < batch.due:
+                batch.canceled = wall
+            return self._object_plan(batch, now, base)
+        if parts[2] == "results":
+            _need(method, "GET")
+            if now < batch.due:
+                raise _Bad(404, f"message batch {batch.id} has no results yet: it is still processing")
+            return Plan(200, [_JSONL], b"".join(self._lines(batch, n)))
+        raise _Bad(404, f"no route for {method} {req.path}")
+
+    def _create(self, req: RecordedRequest, now: float, wall: float, span: float) -> Plan:
+        try:
+            doc = _decode_batch_create(req.body)
+        except msgspec.DecodeError as exc:
+            raise _Bad(400, str(exc)) from None
+        raw = doc.requests
+        if not raw:
+            raise _Bad(400, "requests: a list of at least one request is required")
+        if len(raw) > _BATCH_MAX_REQUESTS:
+            raise _Bad(400, f"requests: at most {_BATCH_MAX_REQUESTS} requests in a batch, got {len(raw)}")
+        items: list[tuple[str, bytes]] = []
+        seen: set[str] = set()
+        for i, one in enumerate(raw):
+            try:
+                r = _decode_batch_request(one)
+            except msgspec.DecodeError as exc:
+                raise _Bad(400, f"requests.{i}: {exc}") from None
+            cid = r.custom_id
+            if not isinstance(cid, str) or not _CUSTOM_ID.fullmatch(cid):
+                raise _Bad(400, f"requests.{i}.custom_id: must match ^[a-zA-Z0-9_-]{{1,64}}$")
+            if cid in seen:
+                raise _Bad(400, f"requests.{i}.custom_id: {cid!r} is used twice; custom_id must be unique within the batch")
+            seen.add(cid)
+            params = bytes(r.params)
+            if params[:1] != b"{":
+                raise _Bad(400, f"requests.{i}.params: an object is required")
+            items.append((cid, params))
+        self._seq += 1
+        bid = "msgbatch_" + hashlib.blake2b(b"%d:" % self._seq + req.body, digest_size=12).hexdigest()
+        self._by_id[bid] = batch = _Batch(bid, items, wall, now + span, span)
+        while len(self._by_id) > _KEEP_BATCHES:
+            del self._by_id[next(iter(self._by_id))]
+        base = "http://" + (req.header(b"host") or b"localhost").decode("latin-1")
+        return self._object_plan(batch, now, base)
+
+    def _list(self, req: RecordedRequest, now: float) -> Plan:
+        q = dict(p.partition("=")[::2] for p in req.query.split("&") if p)
+        try:
+            limit = int(q.get("limit", _LIST_DEFAULT))
+        except ValueError:
+            raise _Bad(400, "limit: must be an integer") from None
+        if not 1 <= limit <= _LIST_MAX:
+            raise _Bad(400, f"limit: must be between 1 and {_LIST_MAX}")
+        ids = list(reversed(self._by_id))  # newest first
+        before, after = q.get("before_id"), q.get("after_id")
+        if after:
+            at = ids.index(after) + 1 if after in ids else len(ids)
+            page, more = ids[at : at + limit], at + limit < len(ids)
+        elif before:
+            at = ids.index(before) if before in ids else 0
+            page, more = ids[max(0, at - limit) : at], at - limit > 0
+        else:
+            page, more = ids[:limit], limit < len(ids)
+        base = "http://" + (req.header(b"host") or b"localhost").decode("latin-1")
+        data = [self._object(self._by_id[i], now, base) for i in page]
+        body = {"data": data, "has_more": more, "first_id": page[0] if page else None, "last_id": page[-1] if page else None}
+        return Plan(200, [_JSON], _encode(body))
+
+    def _object_plan(self, batch: _Batch, now: float, base: str) -> Plan:
+        return Plan(200, [_JSON, (b"request-id", b"req_mock_" + batch.id[9:].encode())], _encode(self._object(batch, now, base)))
+
+    def _object(self, b: _Batch, now: float, base: str) -> dict[str, Any]:
+        ended = now >= b.due
+        if ended:
+            if b.counts is None:
+                b.counts = self._tally(b)
+            counts = b.counts
+            status = "ended"
+        else:
+            counts = {"processing": len(b.items), "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
+            status = "in_progress" if b.canceled is None else "canceling"
+        return {
+            "id": b.id,
+            "type": "message_batch",
+            "processing_status": status,
+            "request_counts": counts,
+            "ended_at": _rfc3339(b.created + b.span) if ended else None,
+            "created_at": _rfc3339(b.created),
+            "expires_at": _rfc3339(b.created + _BATCH_EXPIRY_S),
+            "archived_at": None,
+            "cancel_initiated_at": _rfc3339(b.canceled) if b.canceled is not None else None,
+            "results_url": f"{base}{_BATCHES}/{b.id}/results" if ended else None,
+        }
+
+    def _tally(self, b: _Batch) -> dict[str, int]:
+        counts = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
+        if b.canceled is not None:
+            counts["canceled"] = len(b.items)
+            return counts
+        for _, params in b.items:
+            counts["succeeded" if self._answer(params, self._core.settings.output_tokens)[0] else "errored"] += 1
+        return counts
+
+    def _answer(self, params: bytes, n: int) -> tuple[bool, bytes]:
+        """(succeeded, the message or the error body) for one request's params."""
+        try:
+            env = _decode_anthropic(params)
+            if env.stream:
+                raise _Bad(400, "stream: streaming is not supported inside a message batch")
+            plan = self._core._messages(RecordedRequest("POST", "/v1/messages", "", [], params), Fault(), n)
+        except msgspec.DecodeError as exc:
+            return False, error_body("invalid_request_error", str(exc))
+        except _Bad as exc:
+            return False, error_body(type_for_status(exc.status), str(exc))
+        return True, plan.body
+
+    def _lines(self, b: _Batch, n: int) -> list[bytes]:
+        lines = []
+        for cid, params in b.items:
+            head = b'{"custom_id":' + _encode(cid) + b',"result":'
+            if b.canceled is not None:
+                lines.append(head + b'{"type":"canceled"}}\n')
+                continue
+            ok, body = self._answer(params, n)
+            kind = b"succeeded" if ok else b"errored"
+            field = b"message" if ok else b"error"
+            lines.append(head + b'{"type":"' + kind + b'","' + field + b'":' + body + b"}}\n")
+        return lines
 
 
 def _need(method: str, want: str) -> None:
@@ -1106,7 +1352,7 @@ class MockUpstream:
                     self.arrived.append(trio.current_time())
                     self._record(req)
                     try:
-                        plan = self.core.respond(req, trio.current_time())
+                        plan = self.core.respond(req, trio.current_time(), time.time())
                     except Exception as exc:  # noqa: BLE001 - pure code: no Cancelled can come out of it
                         # An input shape the core did not foresee must become a
                         # 500 the test can see, not kill every other connection.
@@ -1283,6 +1529,7 @@ def _settings_argv(s: MockSettings) -> list[str]:
         "--tokens-per-second", str(s.tokens_per_second),
         "--output-tokens", str(s.output_tokens),
         "--fault", s.fault,
+        "--batch-ms", str(s.batch_ms),
         "--workers", "1",
         "--reuse-port",
     ]  # fmt: skip
@@ -1302,7 +1549,8 @@ def help_epilog() -> str:
     ]
     lines += [f"  {syntax:<{width}}  {effect}" for syntax, effect in FAULTS]
     lines += [
-        "per-request overrides: x-mock-latency-ms, x-mock-ttft-ms, x-mock-tokens-per-second, x-mock-output-tokens",
+        "per-request overrides: x-mock-latency-ms, x-mock-ttft-ms, x-mock-tokens-per-second, x-mock-output-tokens,",
+        "  x-mock-batch-ms (on a batch's create: when it ends)",
         "tools: under tool_choice auto, a last user message saying 'use a tool' (first tool) or",
         "  'use the NAME tool' gets a tool call whose input fits the tool's schema",
     ]
@@ -1320,6 +1568,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens-per-second", type=float, default=d.tokens_per_second, help="0 = unpaced")
     parser.add_argument("--output-tokens", type=int, default=d.output_tokens, help="words in a reply")
     parser.add_argument("--fault", default=d.fault, help="default x-mock-fault for every request")
+    parser.add_argument("--batch-ms", type=float, default=d.batch_ms, help="a message batch ends this long after its creation")
     parser.add_argument("--workers", type=int, default=d.workers, help="processes sharing the port")
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
 
@@ -1331,6 +1580,7 @@ def settings_from_args(ns: argparse.Namespace) -> MockSettings:
         tokens_per_second=ns.tokens_per_second,
         output_tokens=ns.output_tokens,
         fault=ns.fault,
+        batch_ms=ns.batch_ms,
         workers=max(1, ns.workers),
         reuse_port=ns.reuse_port,
     )

@@ -726,3 +726,71 @@ def test_property_fit_builds_an_instance_of_any_supported_schema(schema: dict[st
     # and through a local $ref, as Pydantic writes nested models
     wrapped = {"$defs": {"Inner": schema}, "type": "object", "properties": {"x": {"$ref": "#/$defs/Inner"}}, "required": ["x"]}
     jsonschema.validate(fit(wrapped, random.Random(seed), VOCABULARY), wrapped)
+
+
+# ---------------------------------------------------------------------------
+# Message batches: Anthropic's API, as the SDK's types read it
+# ---------------------------------------------------------------------------
+
+
+def _batch_request(cid: str, **params: Any) -> dict[str, Any]:
+    return {"custom_id": cid, "params": {"model": "claude-sonnet-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": cid}], **params}}
+
+
+async def test_message_batches_through_the_sdk() -> None:
+    """Create → in progress → ended after batch_ms; results answer each request
+    as /v1/messages would (a refused one is errored); list, delete, 404."""
+    async with running_mock(batch_ms=100) as (mock, url):
+        client = anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0)
+        batch = await client.messages.batches.create(requests=[_batch_request("ok"), _batch_request("bad", max_tokens=0)])
+        assert batch.processing_status == "in_progress" and batch.results_url is None and batch.ended_at is None
+        assert batch.request_counts.processing == 2 and (batch.expires_at - batch.created_at).total_seconds() == 86_400
+        with pytest.raises(anthropic.BadRequestError, match="still processing"):
+            await client.messages.batches.delete(batch.id)
+        await trio.sleep(0.15)
+        done = await client.messages.batches.retrieve(batch.id)
+        assert done.processing_status == "ended" and done.ended_at is not None
+        assert (done.request_counts.succeeded, done.request_counts.errored, done.request_counts.processing) == (1, 1, 0)
+        assert done.results_url == f"{url}/v1/messages/batches/{batch.id}/results"  # the mock itself, as Anthropic points at itself
+        results = {r.custom_id: r.result async for r in await client.messages.batches.results(batch.id)}
+        assert results["ok"].type == "succeeded" and results["ok"].message.usage.output_tokens > 0
+        direct = await client.messages.create(**_batch_request("ok")["params"])
+        assert results["ok"].message.content == direct.content  # the same generator, the same reply
+        assert results["bad"].type == "errored" and results["bad"].error.error.type == "invalid_request_error"
+        assert [b.id async for b in client.messages.batches.list()] == [batch.id]
+        assert (await client.messages.batches.delete(batch.id)).type == "message_batch_deleted"
+        with pytest.raises(anthropic.NotFoundError):
+            await client.messages.batches.retrieve(batch.id)
+
+
+def test_message_batches_core_cancel_pages_and_bad_input() -> None:
+    from mock import MockCore, RecordedRequest
+
+    core = MockCore(MockSettings(batch_ms=1000))
+    host = [(b"host", b"mock")]
+
+    def call(method: str, path: str, body: Any = None, query: str = "", now: float = 0.0) -> tuple[int, Any]:
+        plan = core.respond(RecordedRequest(method, path, query, host, b"" if body is None else json.dumps(body).encode()), now, 1_700_000_000.0 + now)
+        return plan.status, json.loads(plan.body) if (b"content-type", b"application/json") in plan.headers else plan.body
+
+    ids = [call("POST", "/v1/messages/batches", {"requests": [_batch_request(f"r{i}") for i in range(3)]})[1]["id"] for _ in range(3)]
+    status, canceled = call("POST", f"/v1/messages/batches/{ids[0]}/cancel", now=0.5)
+    assert status == 200 and canceled["processing_status"] == "canceling" and canceled["cancel_initiated_at"] == "2023-11-14T22:13:20.500000Z"
+    _, ended = call("GET", f"/v1/messages/batches/{ids[0]}", now=1.0)
+    assert ended["processing_status"] == "ended" and ended["request_counts"]["canceled"] == 3
+    assert ended["results_url"] == f"http://mock/v1/messages/batches/{ids[0]}/results"
+    _, lines = call("GET", f"/v1/messages/batches/{ids[0]}/results", now=1.0)
+    assert [json.loads(x)["result"] for x in lines.splitlines()] == [{"type": "canceled"}] * 3
+    # Pages, newest first, with Anthropic's cursors.
+    _, page = call("GET", "/v1/messages/batches", query="limit=2")
+    assert [b["id"] for b in page["data"]] == ids[:0:-1] and page["has_more"] and page["last_id"] == ids[1]
+    _, page = call("GET", "/v1/messages/batches", query=f"limit=2&after_id={ids[1]}")
+    assert [b["id"] for b in page["data"]] == [ids[0]] and not page["has_more"]
+    _, page = call("GET", "/v1/messages/batches", query=f"limit=1&before_id={ids[1]}")
+    assert [b["id"] for b in page["data"]] == [ids[2]] and not page["has_more"]
+    # Anthropic's rules for custom_id, and a 404 in its shape.
+    for bad in ({"requests": []}, {"requests": [_batch_request("a b")]}, {"requests": [_batch_request("x"), _batch_request("x")]}, {"requests": [{"custom_id": "x"}]}):
+        status, err = call("POST", "/v1/messages/batches", bad)
+        assert status == 400 and err["error"]["type"] == "invalid_request_error", bad
+    status, err = call("GET", "/v1/messages/batches/msgbatch_nope")
+    assert status == 404 and err["type"] == "error" and err["error"]["type"] == "not_found_error"
