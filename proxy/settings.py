@@ -135,6 +135,17 @@ class UpstreamSettings(_Base):
     # a turn's main call and its side call leave together without letting a
     # backlog hit the provider at once (the issue's default; 1 = strictly even).
     burst: int = 2
+    # Message Batches for this target (issue 13): "weir" runs every item
+    # through Weir's own request path (the only way for an OpenAI-kind
+    # target, which has no batch API); "passthrough" hands the batch to
+    # Anthropic's own batch API (Anthropic-kind only). None = the kind's
+    # default: passthrough for anthropic, weir for openai.
+    batches: Literal["weir", "passthrough"] | None = None
+
+    def batch_mode(self) -> Literal["weir", "passthrough"]:
+        if self.batches is not None:
+            return self.batches
+        return "passthrough" if self.kind == "anthropic" else "weir"
 
     def keys(self, environ: Mapping[str, str]) -> list[str]:
         found = list(self.api_keys)
@@ -290,6 +301,46 @@ class LedgerSettings(_Base):
     prices: dict[str, dict[str, float]] = {}
 
 
+class BatchSettings(_Base):
+    """Message Batches (proxy/batches/): Anthropic's batch API, run by Weir.
+
+    Batches and their items live in the ledger's database (``ledger.url``:
+    the SQLite file in the data directory, or PostgreSQL).
+    """
+
+    enabled: bool = True
+    # Anthropic ends a batch 24 hours after creation, whatever is left expires.
+    expiry_s: float = 86_400.0
+    # Anthropic keeps results for 29 days.
+    results_days: int = 29
+    # Anthropic's limits for one batch: 100,000 requests or 256 MB of body.
+    max_requests: int = 100_000
+    max_bytes: int = 256 * MiB
+    # A claimed item whose worker stops renewing its lease is run again after
+    # this: a crashed worker's items wait at most a minute, and a minute is
+    # many renewals' worth of slack for a live worker on a busy database.
+    lease_s: float = 60.0
+    # Items one claim takes: a worker's whole concurrency in one round trip.
+    claim_size: int = 32
+    # Items one worker runs at once. Half the default target's connection
+    # budget (upstreams.max_connections = 64): batch items queue at batch
+    # priority in the fair queue anyway, this bounds what one worker holds
+    # leased and in memory.
+    concurrency: int = 32
+    # How often a worker looks for items nobody woke it for (another worker's
+    # or host's batch, a released item coming due): once a second costs one
+    # indexed query a second and starts a batch within a second.
+    poll_s: float = 1.0
+    # How often a worker ends expired, canceled and finished batches: a few
+    # seconds between the last item and ``ended`` is well inside what a
+    # client polling a 24-hour batch notices.
+    sweep_s: float = 5.0
+    # The origin results_url points at ("https://weir.example.com"); "" = the
+    # scheme and Host header of the request that asked, right whenever
+    # clients reach Weir directly.
+    public_url: str = ""
+
+
 class Settings(_Base):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     deadlines: DeadlineSettings = msgspec.field(default_factory=DeadlineSettings)
@@ -309,6 +360,7 @@ class Settings(_Base):
     claude_code: ClaudeCodeSettings = msgspec.field(default_factory=ClaudeCodeSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     ledger: LedgerSettings = msgspec.field(default_factory=LedgerSettings)
+    batches: BatchSettings = msgspec.field(default_factory=BatchSettings)
 
     def uses_mock(self) -> bool:
         return not self.upstreams or all(not u.url for u in self.upstreams)
@@ -408,6 +460,8 @@ def _validate(s: Settings) -> None:
             raise SettingsError(f"upstreams[{u.name}].burst must be at least 1")
         if u.requests_per_minute and u.burst >= u.requests_per_minute:
             raise SettingsError(f"upstreams[{u.name}].burst must be below requests_per_minute")
+        if u.batches == "passthrough" and u.kind != "anthropic":
+            raise SettingsError(f"upstreams[{u.name}].batches = \"passthrough\" needs kind = \"anthropic\" (only Anthropic has a batch API)")
         if (u.requests_per_minute or u.tokens_per_minute) and s.scheduler.policy != "fair":
             # The FIFO comparison scheduler has no budget: pacing would silently not happen.
             raise SettingsError(f"upstreams[{u.name}]: requests_per_minute/tokens_per_minute need scheduler.policy = \"fair\"")
@@ -443,6 +497,13 @@ def _validate(s: Settings) -> None:
         raise SettingsError("ledger: flush_rows >= 1, flush_interval_ms > 0 and max_buffer_rows >= flush_rows")
     if min(lg.retention_days, lg.bodies_retention_days, lg.dlq_retention_days) < 1:
         raise SettingsError("ledger: retention days must be at least 1")
+    bt = s.batches
+    if min(bt.expiry_s, bt.lease_s, bt.poll_s, bt.sweep_s) <= 0:
+        raise SettingsError("batches: expiry_s, lease_s, poll_s and sweep_s must be positive")
+    if bt.public_url and not bt.public_url.startswith(("http://", "https://")):
+        raise SettingsError("batches.public_url must be empty or start with http:// or https://")
+    if min(bt.results_days, bt.max_requests, bt.max_bytes, bt.claim_size, bt.concurrency) < 1:
+        raise SettingsError("batches: results_days, max_requests, max_bytes, claim_size and concurrency must be at least 1")
     if d.per_try_first_byte_s < 0:
         raise SettingsError("deadlines.per_try_first_byte_s must be 0 (off) or positive")
 

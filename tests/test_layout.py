@@ -33,6 +33,10 @@ PURE_MODULES = [
     "proxy.ledger.query",
     "proxy.ledger.sqlite",
     "proxy.ledger.postgres",
+    # Message Batches but their trio shell (the runner, the HTTP handlers).
+    "proxy.batches.model",
+    "proxy.batches.store",
+    "proxy.batches.sqlite",
 ]
 
 # Pure cores that share a module with their trio shell (proxy/scheduler.py is
