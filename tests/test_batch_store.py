@@ -20,7 +20,7 @@ LEASE = 60 * S
 P = json.dumps({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def store(request, tmp_path):
     if request.param == "sqlite":
         s = open_store("", str(tmp_path))
@@ -220,6 +220,25 @@ def test_expiry_expires_what_is_left_and_ends_the_batch(store) -> None:
     assert got.processing_status == "ended" and got.ended_at == T0 + 10 * S and got.counts == Counts(succeeded=1, expired=2)
     assert not store.finish(c1, "succeeded", b"{}", T0 + 10 * S + 1)  # too late: it expired
     assert [json.loads(line)["result"]["type"] for _, line in store.results("t1", b.id, -1, 10)] == ["succeeded", "expired", "expired"]
+
+
+def test_two_sweepers_at_once_end_a_batch_once(store) -> None:
+    b = make(store, 50, expires_in=10 * S)
+    finish_all(store, store.claim("w", T0, LEASE, 10))
+    start = threading.Barrier(2)
+    ended: list[list[str]] = []
+
+    def sweeper() -> None:
+        start.wait()
+        ended.append(store.sweep(T0 + 10 * S))
+
+    threads = [threading.Thread(target=sweeper) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(ended, key=len) == [[], [b.id]]
+    assert store.get("t1", b.id).counts == Counts(succeeded=10, expired=40)
 
 
 def test_retain_drops_batches_ended_longer_ago_than_results_days(store) -> None:

@@ -37,6 +37,7 @@ PURE_MODULES = [
     "proxy.batches.model",
     "proxy.batches.store",
     "proxy.batches.sqlite",
+    "proxy.batches.postgres",
 ]
 
 # Pure cores that share a module with their trio shell (proxy/scheduler.py is
