@@ -151,17 +151,22 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
     max_leaves=12,
 )
-item_like = st.fixed_dictionaries(
-    {},
-    optional={
-        "custom_id": json_values | st.text(max_size=70) | st.from_regex(r"[a-zA-Z0-9_-]{1,64}", fullmatch=True),
-        "params": json_values | st.fixed_dictionaries(
-            {"model": st.text(max_size=5), "max_tokens": st.integers(-1, 5), "messages": json_values},
-            optional={"stream": json_values},
-        ),
-    },
-)  # fmt: skip
-create_like = json_values | st.fixed_dictionaries({"requests": json_values | st.lists(item_like, max_size=4)})
+message_like = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]), "content": st.text(max_size=5)})
+# Mostly near-valid, so both outcomes are reached: a small id pool makes
+# duplicates, and every field is sometimes anything at all, or missing.
+custom_id_like = st.sampled_from(["a", "b", "c-1", "d_2"]) | st.from_regex(r"[a-zA-Z0-9_-]{1,64}", fullmatch=True) | st.text(max_size=70) | json_values
+valid_params = st.fixed_dictionaries(
+    {"model": st.sampled_from(["m", "claude-x"]), "max_tokens": st.integers(1, 5), "messages": st.lists(message_like, min_size=1, max_size=2)},
+    optional={"stream": st.booleans(), "temperature": st.floats(0, 1)},
+)
+# A valid body with at most one field replaced by anything at all, or anything at all.
+params_like = st.builds(
+    lambda base, broken: {**base, **broken}, valid_params, st.dictionaries(st.sampled_from(["model", "max_tokens", "messages", "stream"]), json_values, max_size=1)
+) | json_values
+item_like = st.fixed_dictionaries({"custom_id": custom_id_like, "params": params_like}) | st.fixed_dictionaries(
+    {}, optional={"custom_id": custom_id_like, "params": params_like}
+)
+create_like = st.fixed_dictionaries({"requests": st.lists(item_like, max_size=4) | json_values}) | json_values
 
 
 @settings(max_examples=300, deadline=None)
