@@ -107,6 +107,9 @@ def test_batch_json_parses_as_the_sdks_message_batch() -> None:
     assert m.created_at.isoformat() == "2025-12-02T00:00:00+00:00" and m.expires_at.day == 3
     assert m.ended_at is None and m.cancel_initiated_at is None and m.archived_at is None
 
+    pt = msgspec.structs.replace(b, mode="passthrough")  # shown as its upstream said
+    assert MessageBatch.model_validate_json(batch_json(pt, "http://h")).request_counts.succeeded == 2
+
     done = msgspec.structs.replace(b, processing_status="ended", ended_at=T0 + 5, cancel_initiated_at=T0 + 1, counts=Counts(succeeded=2, errored=1, canceled=3))
     m = MessageBatch.model_validate_json(batch_json(done, "http://127.0.0.1:8080/"))
     assert m.results_url == "http://127.0.0.1:8080/v1/messages/batches/msgbatch_x/results"

@@ -208,7 +208,8 @@ def results_url(batch_id: str, base: str) -> str:
 
 def _out(b: Batch, base: str) -> _BatchOut:
     c = b.counts
-    if b.processing_status == "ended":
+    if b.processing_status == "ended" or b.mode == "passthrough":
+        # A passthrough batch's counts are what its upstream last said (``sync``).
         counts = _RequestCounts(c.processing, c.succeeded, c.errored, c.canceled, c.expired)
     else:
         # Anthropic's contract (MessageBatchRequestCounts): requests count as
