@@ -213,12 +213,18 @@ def build_admin(weir: WeirView) -> QuartTrio:
     @app.get("/admin/usage")
     async def usage() -> Any:
         """Usage and cost from the hourly rollups (never a scan of raw rows);
-        ``since``/``until`` are rounded to the hour."""
+        ``since``/``until`` are rounded to the hour. ``group_by=batch``
+        (``&batch_id=…`` for one) sums the batch items' rows instead, through
+        the ledger's partial index on ``batch_id``."""
         from .ledger.query import usage_query
 
         async def go(ledger: Any) -> Any:
             group, since, until = usage_query(request.args, time.time())
-            return {"group_by": group, "data": await ledger.usage(group, since, until), "price_version": ledger.prices.version}
+            if group == "batch":
+                data = await ledger.usage_by_batch(request.args.get("batch_id") or None, since, until)
+            else:
+                data = await ledger.usage(group, since, until)
+            return {"group_by": group, "data": data, "price_version": ledger.prices.version}
 
         return await _ledger_call(go)
 

@@ -154,6 +154,8 @@ class Outcome(msgspec.Struct, kw_only=True):
     headers: Any = None
     response_body: bytes = b""
     replay_of: str = ""
+    # The Message Batch an item ran for (proxy/batches/runner.py), else "".
+    batch_id: str = ""
 
     def take(self, served: Served) -> None:
         self.target = served.target

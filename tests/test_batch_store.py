@@ -47,7 +47,7 @@ def test_migrate_is_idempotent_and_leaves_the_ledger_alone(store) -> None:
         from proxy.ledger.service import open_store
 
         ledger = open_store("", str(__import__("os").path.dirname(store.path)))
-        assert ledger.migrate() == 1  # its own version table, same file
+        assert ledger.migrate() == 2  # its own version table (the ledger is at 2: batch_id), same file
         ledger.close()
 
 

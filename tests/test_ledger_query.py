@@ -39,7 +39,7 @@ def test_group_by_is_a_closed_set():
 _TIMEISH = st.one_of(st.text(max_size=40), st.floats().map(str), st.integers().map(lambda n: f"{n}d"), st.datetimes().map(str))
 
 
-@given(st.dictionaries(st.sampled_from(["tenant", "model", "status", "since", "until", "limit", "ended_since", "group_by"]), _TIMEISH))
+@given(st.dictionaries(st.sampled_from(["tenant", "model", "status", "since", "until", "limit", "ended_since", "group_by", "batch_id"]), _TIMEISH))
 def test_any_query_string_parses_or_is_refused_cleanly(args):
     for parse in (requests_query, usage_query):
         try:

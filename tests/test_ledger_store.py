@@ -48,15 +48,36 @@ def row(i: int, **kw) -> LedgerRow:
 
 
 def test_migrations_are_versioned_and_idempotent(store):
-    assert store.migrate() == 1
-    assert store.migrate() == 1
+    assert store.migrate() == 2
+    assert store.migrate() == 2
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_version_1_database_gains_the_batch_column(backend, request, tmp_path, monkeypatch):
+    """A ledger made before batches (migration 1 only) is brought to 2 in place."""
+    import importlib
+
+    module = importlib.import_module(f"proxy.ledger.{'sqlite' if backend == 'sqlite' else 'postgres'}")
+    if backend == "sqlite":
+        s = open_store("", str(tmp_path))
+    else:
+        s = open_store(request.getfixturevalue("database_url"), str(tmp_path), pg_schema=request.getfixturevalue("pg_schema"))
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(module, "MIGRATIONS", module.MIGRATIONS[:1])
+            assert s.migrate() == 1
+        assert s.migrate() == 2
+        assert s.write([row(1, batch_id="msgbatch_a"), row(2)]) == 2
+        assert s.request("req_1")["batch_id"] == "msgbatch_a" and s.request("req_2")["batch_id"] == ""
+    finally:
+        s.close()
 
 
 def test_a_row_round_trips_field_for_field(store):
     r = row(1, project="p", ingress="openai", kind="agent", served_model="m2", key_id="pool#0:abcd", error_type="x", cache="miss",
             attempts=2, failover=1, cache_read_tokens=3, cache_creation_tokens=4, price_version="v1", queue_us=5, upstream_head_us=6,
             first_token_us=7, total_us=8, overhead_us=9, bytes_in=10, bytes_out=11, client="claude-cli", replay_of="dlq_x",
-            method="POST", path="/v1/messages")  # fmt: skip
+            method="POST", path="/v1/messages", batch_id="msgbatch_01")  # fmt: skip
     assert store.write([r]) == 1
     got = store.request("req_1")
     from proxy.ledger.row import row_to_dict
@@ -84,6 +105,19 @@ def test_usage_groups_and_time_range(store):
     assert [(u["tenant"], u["requests"]) for u in recent] == [("a", 2)]
     assert [u["kind"] for u in store.usage("kind", None, NOW - DAY_US)] == [""]
     assert {u["target"] for u in store.usage("target", None, None)} == {"primary"}
+
+
+def test_usage_per_batch_comes_from_the_items_rows(store):
+    old = NOW - 3 * DAY_US
+    store.write([
+        row(1, batch_id="msgbatch_a"), row(2, batch_id="msgbatch_a", status=529, cost_micros=0, input_tokens=0, output_tokens=0),
+        row(3, batch_id="msgbatch_b", cost_micros=500), row(4), row(5, batch_id="msgbatch_b", started_at=old),
+    ])  # fmt: skip
+    every = store.usage_by_batch(None, None, None)
+    assert [(u["batch"], u["requests"], u["errors"], u["cost_micros"]) for u in every] == [("msgbatch_b", 2, 0, 605), ("msgbatch_a", 2, 1, 105)]
+    assert [(u["batch"], u["requests"]) for u in store.usage_by_batch("msgbatch_b", NOW - HOUR_US, None)] == [("msgbatch_b", 1)]
+    assert store.usage_by_batch("msgbatch_none", None, None) == []
+    assert [r["request_id"] for r in store.requests(Query(batch_id="msgbatch_a", limit=10))] == ["req_2", "req_1"]
 
 
 def test_request_lookup_filters_and_bodies(store):

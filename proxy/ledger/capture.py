@@ -132,6 +132,7 @@ def row_for(out: Any, *, now_wall: float, prices: PriceTable, bodies: str = "off
         bytes_out=min(out.bytes_out, _I4),
         client=client_family(_header(headers, b"user-agent")),
         replay_of=out.replay_of,
+        batch_id=out.batch_id,
     )
     # Usage is what the upstream billed: a cache hit or a coalesced follower
     # rode on another request's call, so its tokens and cost stay 0.
@@ -144,8 +145,10 @@ def row_for(out: Any, *, now_wall: float, prices: PriceTable, bodies: str = "off
         row.cost_micros, row.price_version = prices.cost(served or row.model, row.input_tokens, row.output_tokens, row.cache_read_tokens, row.cache_creation_tokens)
     if bodies == "all" or (bodies == "errors" and (out.status >= 400 or outcome == "failed")):
         row.bodies = Bodies(request=out.body[:body_limit], response=out.response_body[:body_limit])
-    if outcome == "failed" and out.method == "POST" and path in _MODEL_PATHS and out.body:
+    if outcome == "failed" and out.method == "POST" and path in _MODEL_PATHS and out.body and not out.batch_id:
         # Failed for good: kept whole, whatever ledger.bodies says, for replay.
+        # Not a batch item's: the batch runner retries those itself, and its
+        # result is the item's answer (proxy/batches/runner.py).
         row.dead_letter = DeadLetter(
             method=out.method,
             path=path,

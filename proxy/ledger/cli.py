@@ -161,7 +161,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def add_commands(sub: Any) -> None:
     u = sub.add_parser("usage", help="usage and cost from the ledger, grouped")
     _common(u)
-    u.add_argument("--group-by", default="tenant", choices=["tenant", "model", "project", "kind", "target"])
+    u.add_argument("--group-by", default="tenant", choices=["tenant", "model", "project", "kind", "target", "batch"])
     u.add_argument("--since", default="30d", help="ISO 8601, epoch seconds or a span back (24h, 7d); default 30d")
     u.add_argument("--until", help="same forms as --since")
     u.set_defaults(func=_run(_usage))

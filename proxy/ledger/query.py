@@ -67,6 +67,7 @@ def requests_query(args: Mapping[str, str], now: float) -> Query:
         tenant=args.get("tenant") or None,
         model=args.get("model") or None,
         outcome=args.get("outcome") or None,
+        batch_id=args.get("batch_id") or None,
         status=_int("status", args.get("status"), None, 0, 999),
         since=parse_time("since", args.get("since"), now),
         until=parse_time("until", args.get("until"), now),
@@ -76,9 +77,16 @@ def requests_query(args: Mapping[str, str], now: float) -> Query:
 
 
 def usage_query(args: Mapping[str, str], now: float) -> tuple[str, int | None, int | None]:
-    group = args.get("group_by") or "tenant"
-    if group not in GROUPS:
-        raise BadQuery(f"group_by: {group!r} is not one of {', '.join(GROUPS)}")
+    """``group_by`` (a rollup key, or ``batch``), ``since``, ``until``.
+
+    ``batch``: usage per Message Batch, from the batch items' own rows (the
+    hourly rollups have no batch); ``batch_id=msgbatch_…`` names one batch
+    and implies it."""
+    group = args.get("group_by") or ("batch" if args.get("batch_id") else "tenant")
+    if group not in GROUPS and group != "batch":
+        raise BadQuery(f"group_by: {group!r} is not one of {', '.join((*GROUPS, 'batch'))}")
+    if args.get("batch_id") and group != "batch":
+        raise BadQuery("batch_id: only with group_by=batch (usage per batch comes from the batch items' rows)")
     return group, parse_time("since", args.get("since"), now), parse_time("until", args.get("until"), now)
 
 

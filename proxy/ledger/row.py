@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import msgspec
 
-__all__ = ["LedgerRow", "Bodies", "DeadLetter", "COLUMNS", "row_to_dict"]
+__all__ = ["LedgerRow", "Bodies", "DeadLetter", "COLUMNS", "V1_COLUMNS", "row_to_dict"]
 
 
 class Bodies(msgspec.Struct, omit_defaults=True, frozen=True):
@@ -72,6 +72,9 @@ class LedgerRow(msgspec.Struct, omit_defaults=True, kw_only=True):
     bytes_out: int = 0
     client: str = ""  # user-agent family
     replay_of: str = ""  # the dead-letter entry this request replayed
+    # The Message Batch this request ran for (proxy/batches/): "" for every
+    # other request. Last, because ledger migration 2 appended the column.
+    batch_id: str = ""
     # Carried with the row, stored elsewhere.
     bodies: Bodies | None = None
     dead_letter: DeadLetter | None = None
@@ -79,6 +82,9 @@ class LedgerRow(msgspec.Struct, omit_defaults=True, kw_only=True):
 
 # The stored columns, in table order (everything but the two carried extras).
 COLUMNS: tuple[str, ...] = tuple(f for f in LedgerRow.__struct_fields__ if f not in ("bodies", "dead_letter"))
+# The columns the first migration created; later migrations add the rest, so
+# migration 1's DDL stays what it was on a database made before them.
+V1_COLUMNS: tuple[str, ...] = COLUMNS[: COLUMNS.index("batch_id")]
 
 
 def row_to_dict(row: LedgerRow) -> dict:

@@ -58,6 +58,9 @@ class Ledger:
     async def usage(self, group: str, since: int | None, until: int | None) -> list[dict]:
         return await self.read(self.store.usage, group, since, until)
 
+    async def usage_by_batch(self, batch_id: str | None, since: int | None, until: int | None) -> list[dict]:
+        return await self.read(self.store.usage_by_batch, batch_id, since, until)
+
     async def dlq_list(self, limit: int, since: int | None) -> list[dict]:
         return await self.read(self.store.dlq_list, limit, since)
 

@@ -22,7 +22,7 @@ import sqlite3
 import threading
 from typing import Any
 
-from .row import COLUMNS, LedgerRow
+from .row import COLUMNS, V1_COLUMNS, LedgerRow
 from .store import DAY_US, GROUPS, MAX_REQUEST_US, COUNTERS, LedgerUnavailable, Query, dlq_id, rollup, usage_out
 
 __all__ = ["SQLiteStore"]
@@ -32,7 +32,7 @@ _TYPES = {int: "INTEGER", str: "TEXT", bool: "INTEGER"}
 
 def _requests_ddl() -> str:
     cols = []
-    for name in COLUMNS:
+    for name in V1_COLUMNS:
         t = LedgerRow.__annotations__[name]
         sql = "INTEGER" if t in ("int", "bool") else "TEXT"
         cols.append(f"{name} {sql} NOT NULL")
@@ -69,6 +69,15 @@ CREATE TABLE ledger_usage_hourly (
 ) WITHOUT ROWID;
 """,
     ),
+    (
+        # Batch items' rows carry their batch (proxy/batches/). The index is
+        # partial: the rows of ordinary requests ('') pay nothing for it.
+        2,
+        """
+ALTER TABLE ledger_requests ADD COLUMN batch_id TEXT NOT NULL DEFAULT '';
+CREATE INDEX ledger_requests_batch ON ledger_requests (batch_id) WHERE batch_id <> '';
+""",
+    ),
 ]
 
 # Rows deleted per retention transaction: a few ms of work, so another
@@ -84,6 +93,8 @@ _UPSERT = (
     + ", ".join(f"{c} = {c} + excluded.{c}" for c in COUNTERS)
 )
 _N = len(COLUMNS)
+# A batch's usage, summed from its rows as the rollups count them.
+_BATCH_SUMS = "count(*), sum(status >= 400 OR status = 0), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_creation_tokens), sum(cost_micros)"
 
 
 class SQLiteStore:
@@ -212,6 +223,20 @@ class SQLiteStore:
         rows = conn.execute(f"SELECT {group}, {sums} FROM ledger_usage_hourly{where} GROUP BY {group} ORDER BY sum(cost_micros) DESC, {group}", args).fetchall()
         return usage_out(group, rows)
 
+    def usage_by_batch(self, batch_id: str | None, since: int | None, until: int | None) -> list[dict]:
+        return self._call(self._usage_by_batch, batch_id, since, until)
+
+    def _usage_by_batch(self, conn: sqlite3.Connection, batch_id: str | None, since: int | None, until: int | None) -> list[dict]:
+        # From the rows themselves, through the partial index: a batch's rows
+        # are a small part of the table, and the hourly rollups have no batch.
+        conds, args = (["batch_id = ?"], [batch_id]) if batch_id else (["batch_id <> ''"], [])
+        where, more = _range("started_at", since, until)
+        if more:
+            conds.append(where[len(" WHERE ") :])
+            args += more
+        sql = f"SELECT batch_id, {_BATCH_SUMS} FROM ledger_requests WHERE {' AND '.join(conds)} GROUP BY batch_id ORDER BY sum(cost_micros) DESC, batch_id"
+        return usage_out("batch", conn.execute(sql, args).fetchall())
+
     def dlq_list(self, limit: int, since: int | None) -> list[dict]:
         return self._call(self._dlq_list, limit, since)
 
@@ -283,6 +308,7 @@ def _values(r: LedgerRow) -> tuple:
         r.served_model, r.key_id, r.status, r.outcome, r.error_type, r.cache, r.attempts, r.failover, r.stream,
         r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_creation_tokens, r.cost_micros, r.price_version,
         r.queue_us, r.upstream_head_us, r.first_token_us, r.total_us, r.overhead_us, r.bytes_in, r.bytes_out, r.client, r.replay_of,
+        r.batch_id,
     )  # fmt: skip
 
 
@@ -298,7 +324,7 @@ def _row_dict(t: tuple) -> dict:
 def _where(q: Query) -> tuple[str, list]:
     conds: list[str] = []
     args: list[Any] = []
-    for col in ("tenant", "model", "status", "outcome"):
+    for col in ("tenant", "model", "status", "outcome", "batch_id"):
         v = getattr(q, col)
         if v is not None:
             conds.append(f"{col} = ?")
