@@ -33,6 +33,8 @@ import trio
 
 from .admin import build_admin
 from .auth import Authenticator, Identity
+from .batches.api import ROOT as BATCHES_ROOT, BatchAPI
+from .batches.service import Batches, batches_enabled, serve_batches
 from .caching import CacheLayer, serve_cache
 from .context import PRIORITIES, Deadlines, Outcome, RequestContext
 from .errors import ProxyError, upstream_failure
@@ -112,6 +114,13 @@ class Weir:
             "/v1/models": {"GET": self.passthrough},
             "/v1/chat/completions": {"POST": self.chat_completions},
         }
+        # Message Batches run by Weir (proxy/batches/): started in startup();
+        # with batches off, their routes are forwarded like any endpoint Weir does not read.
+        self.batches: Batches | None = None
+        self.batch_api: BatchAPI | None = None
+        if batches_enabled(settings):
+            self.batch_api = BatchAPI(self)
+            self.routes[BATCHES_ROOT] = self.batch_api.root
         # The methods Anthropic's API uses on the endpoints Weir does not read.
         self._forwarded: dict[str, Handler] = dict.fromkeys(("GET", "POST", "DELETE", "PUT", "PATCH"), self.passthrough)
         self.admin = build_admin(self)
@@ -144,9 +153,14 @@ class Weir:
             out = Outcome(request_id=request_id(headers), received=time.perf_counter(), method=scope["method"], path=path)
             relay = Relay(send, out)
         out.headers = headers
-        replay = scope.get("extensions", {}).get("weir.replay")
-        if replay is not None:
-            out.replay_of = replay["dlq_id"]
+        extensions = scope.get("extensions")
+        if extensions:
+            replay = extensions.get("weir.replay")
+            if replay is not None:
+                out.replay_of = replay["dlq_id"]
+            item = extensions.get("weir.batch")
+            if item is not None:
+                out.batch_id = item["batch_id"]
         try:
             try:
                 # Route on, and forward, the raw path as checked — never Hypercorn's decoded one.
@@ -159,6 +173,8 @@ class Weir:
             if methods is None:
                 if path.startswith("/v1/models/"):
                     methods = {"GET": self.passthrough}
+                elif self.batch_api is not None and path.startswith(BATCHES_ROOT + "/"):
+                    methods = self.batch_api.routes(path)
                 elif not path.startswith("/v1/chat/"):
                     # Batches, files, skills and whatever Anthropic adds next:
                     # forwarded, as checked above, to an Anthropic-kind target
@@ -209,12 +225,15 @@ class Weir:
             self.finished(out)
 
     def _identify(self, scope: Scope, headers: Mapping[bytes, bytes]) -> Identity:
-        """The client's identity; a dead-letter replay (``Weir.replay``) runs as
-        the entry's tenant on the targets' own keys. The marker lives in the
-        ASGI scope's extensions, which only the server — never a client — sets."""
-        replay = scope.get("extensions", {}).get("weir.replay")
-        if replay is not None:
-            return Identity(tenant=replay["tenant"], passthrough=False)
+        """The client's identity; a dead-letter replay (``Weir.replay``) and a
+        batch item (``Weir.run_batch_item``) run as their tenant on the
+        targets' own keys. The marker lives in the ASGI scope's extensions,
+        which only the server — never a client — sets."""
+        extensions = scope.get("extensions")
+        if extensions:
+            synthetic = extensions.get("weir.replay") or extensions.get("weir.batch")
+            if synthetic is not None:
+                return Identity(tenant=synthetic["tenant"], passthrough=False)
         return self.auth.identify(headers)
 
     def _record(self, out: Outcome) -> None:
@@ -230,41 +249,63 @@ class Weir:
         It is an ordinary request to every stage (rate limit, cache, router) and
         gets its own ledger row, linked to the entry by ``replay_of``.
         """
-        rid = request_id({})
         headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in entry["headers"]]
-        headers += [(b"x-request-id", rid.encode()), (b"content-length", str(len(entry["body"])).encode())]
-        path = entry["path"]
+        extension = {"weir.replay": {"tenant": entry["tenant"], "dlq_id": entry["id"]}}
+        rid, status, _, _ = await self._synthetic(entry["method"], entry["path"], entry["query"].encode("latin-1"), headers, entry["body"], extension, keep_body=False)
+        return rid, status
+
+    async def run_batch_item(self, tenant: str, batch_id: str, params: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """One Message Batch item (proxy/batches/runner.py), as ``replay`` runs a
+        dead letter: ``POST /v1/messages`` with the item's params, at ``batch``
+        priority, as the batch's tenant — so the rate limit, the cache and its
+        coalescing, the router, the fair queue, the provider budget and the
+        ledger (a row carrying ``batch_id``) all apply. Returns the reply's
+        status, headers and whole body."""
+        _, status, headers, body = await self._synthetic("POST", "/v1/messages", b"", _BATCH_ITEM_HEADERS, params, {"weir.batch": {"tenant": tenant, "batch_id": batch_id}})
+        return status, headers, body
+
+    async def _synthetic(
+        self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes, extensions: dict[str, Any], *, keep_body: bool = True
+    ) -> tuple[str, int, list[tuple[bytes, bytes]], bytes]:
+        """A request Weir makes of itself, through ``_api`` like any client's:
+        (request id, status, response headers, response body when ``keep_body``)."""
+        rid = request_id({})
+        headers = [*headers, (b"x-request-id", rid.encode()), (b"content-length", str(len(body)).encode())]
         scope: Scope = {
             "type": "http",
             "asgi": {"version": "3.0"},
             "http_version": "1.1",
-            "method": entry["method"],
+            "method": method,
             "path": path,
             "raw_path": path.encode(),
-            "query_string": entry["query"].encode("latin-1"),
+            "query_string": query,
             "headers": headers,
             "client": None,
             "server": None,
-            "extensions": {"weir.replay": {"tenant": entry["tenant"], "dlq_id": entry["id"]}},
+            "extensions": extensions,
         }
         body_sent = False
         status = 0
+        reply_headers: list[tuple[bytes, bytes]] = []
+        parts: list[bytes] = []
 
         async def receive() -> dict[str, Any]:
             nonlocal body_sent
             if not body_sent:
                 body_sent = True
-                return {"type": "http.request", "body": entry["body"], "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             await trio.sleep_forever()  # no hang-up: the reply is read to its end
             raise AssertionError("unreachable")
 
         async def send(message: dict[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, reply_headers
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, reply_headers = message["status"], message.get("headers", [])
+            elif keep_body and message["type"] == "http.response.body":
+                parts.append(message.get("body", b""))
 
         await self._api(scope, receive, send, path)
-        return rid, status
+        return rid, status, reply_headers, b"".join(parts)
 
     def finished(self, out: Outcome) -> None:
         """The one place a finished request's record is emitted: the access
@@ -400,12 +441,13 @@ class Weir:
         ctx = self._context(scope, headers, out, ident, body, env.model, False)
         await self._forward(scope, receive, relay, ctx, body)
 
-    async def _identified_body(self, scope: Scope, receive: Receive, relay: Relay, headers: dict[bytes, bytes]) -> tuple[Identity, bytes]:
-        """Who is asking, then what they sent (bounded): every handler's first step.
+    async def _identified_body(self, scope: Scope, receive: Receive, relay: Relay, headers: dict[bytes, bytes], limit: int | None = None) -> tuple[Identity, bytes]:
+        """Who is asking, then what they sent (bounded: ``server.max_body_bytes``
+        unless the route has its own ``limit``): every handler's first step.
         Both go on the outcome as soon as they are known, so a refusal is logged with them."""
         ident = self._identify(scope, headers)
         relay.out.tenant = ident.tenant
-        body = relay.out.body = await self._read_body(receive, headers)
+        body = relay.out.body = await self._read_body(receive, headers, limit)
         return ident, body
 
     async def passthrough(self, scope: Scope, receive: Receive, relay: Relay, headers: dict[bytes, bytes]) -> None:
@@ -498,8 +540,9 @@ class Weir:
                 cs.shield = True
                 await limiter.settle(ctx.tenant, est, actual)
 
-    async def _read_body(self, receive: Receive, headers: Mapping[bytes, bytes]) -> bytes:
-        limit = self.settings.server.max_body_bytes
+    async def _read_body(self, receive: Receive, headers: Mapping[bytes, bytes], limit: int | None = None) -> bytes:
+        if limit is None:
+            limit = self.settings.server.max_body_bytes
         declared = headers.get(b"content-length")
         if declared is not None:
             try:
@@ -620,6 +663,10 @@ class Weir:
                     return
                 await send({"type": "lifespan.startup.complete"})
                 message = await receive()
+                if self.batches is not None:
+                    # Items in flight get a lease's length to finish; the rest
+                    # are released when the nursery is cancelled, to run elsewhere.
+                    await self.batches.runner.drain(min(self.settings.server.drain_s, self.settings.batches.lease_s))
                 await self._quart_shutdown()
                 nursery.cancel_scope.cancel()
         finally:
@@ -670,6 +717,9 @@ class Weir:
         # it closes when the lifespan ends.
         self.cache = await nursery.start(serve_cache, self.settings.cache, self.router, self.settings.server.data_path("cache.db"))
         self.opener = self.cache
+        if self.batch_api is not None:
+            # After the opener: the runner sends items through the request path at once.
+            self.batches = await nursery.start(serve_batches, self)
         if self.metrics is not None:
             nursery.start_soon(self._refresh_gauges)
         if self.settings.server.gc_freeze:
@@ -732,6 +782,15 @@ class Weir:
             return False, "no_usable_upstream"
         return True, "ready"
 
+
+# A batch item's request head: the SDK's defaults, at batch priority (the fair
+# queue serves interactive traffic first); the user agent names it in the ledger.
+_BATCH_ITEM_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"anthropic-version", b"2023-06-01"),
+    (b"x-weir-priority", b"batch"),
+    (b"user-agent", b"weir-batch/1"),
+]
 
 # Gauge refreshes per cache-size refresh (15 s at the default 1 s beat).
 _CACHE_REFRESH_EVERY = 15

@@ -20,7 +20,7 @@ themselves under load).
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -131,6 +131,16 @@ class Relay:
         """A reply Weir holds whole (answered locally)."""
         await self._start(status, headers + self.weir_headers(served))
         await self._body(body, False)
+
+    async def send_stream(self, status: int, headers: list[tuple[bytes, bytes]], chunks: AsyncIterator[bytes]) -> None:
+        """A body Weir produces in pieces (a batch's results, a page of lines
+        per send). An exception from ``chunks`` leaves the body unfinished, so
+        the client sees a cut response, never a short one."""
+        await self._start(status, headers + self.weir_headers())
+        async for chunk in chunks:
+            if chunk:
+                await self._body(chunk, True)
+        await self._body(b"", False)
 
     async def error_response(self, resp: UpstreamResponse) -> None:
         """An upstream error: Anthropic-shaped bodies pass through, others are wrapped."""
