@@ -184,7 +184,6 @@ async def test_two_workers_share_one_batch(backend, request, tmp_path):
     claim items of a batch created on one of them; every item ends once."""
     ledger: dict[str, Any] = {}
     if backend == "postgresql":
-        pytest.importorskip("proxy.batches.postgres", reason="the PostgreSQL batch store has not landed yet")
         ledger = {"url": request.getfixturevalue("database_url"), "pg_schema": request.getfixturevalue("pg_schema")}
     async with running_mock(latency_ms=40) as (mock, url):
         one = make_settings(None, **sections(tmp_path / "one", url, ledger, concurrency=4))
