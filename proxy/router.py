@@ -197,7 +197,11 @@ class Router:
         """The chain for ``req``: by model and kind for a generation, and for an
         endpoint only Anthropic has (batches, files, skills…) its Anthropic-kind
         targets in configuration order — or, with none, the model's chain,
-        whose target answers 404 for what it has no equivalent of."""
+        whose target answers 404 for what it has no equivalent of. A request
+        pinned to a target (``req.target``) goes there or nowhere."""
+        if req.target:
+            lane = self._by_name.get(req.target)
+            return [(lane, "")] if lane is not None else []
         if req.path in _BY_MODEL or req.path.startswith("/v1/models"):
             return self.resolve(req.model, kind)
         chain = [(lane, "") for lane in self.lanes if lane.target.kind == "anthropic"]

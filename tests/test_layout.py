@@ -47,6 +47,7 @@ PURE_CLASSES = [
     ("proxy.scheduler", "Ticket"),
     ("proxy.scheduler", "PaceBudget"),
     ("proxy.ratelimit", "TokenBucket"),
+    ("proxy.batches.passthrough", "ResultLines"),
 ]
 
 

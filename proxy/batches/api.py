@@ -25,10 +25,12 @@ import msgspec
 
 from ..errors import ProxyError
 from .model import Batch, Counts, batch_json, deleted_json, new_batch_id, parse_create
+from .passthrough import PassthroughBatches, passthrough_route
 from .store import BatchUnavailable
 
 if TYPE_CHECKING:
     from ..app import Weir
+    from ..auth import Identity
     from ..relay import Relay
 
 __all__ = ["BatchAPI", "public_base", "ROOT"]
@@ -111,17 +113,17 @@ class BatchAPI:
             raise ProxyError(503, "batches are starting; retry in a moment", "overloaded_error", [(b"retry-after", b"1")])
         return batches
 
-    def _passthrough(self, batches: Any) -> Any:
+    def _passthrough(self, batches: Any) -> PassthroughBatches:
         if self._pt is None:
-            from .passthrough import PassthroughBatches
-
             self._pt = PassthroughBatches(self.app, batches.store)
         return self._pt
 
-    async def _begin(self, scope: dict[str, Any], receive: Any, relay: Relay, headers: dict[bytes, bytes], limit: int | None = None) -> tuple[Any, str, bytes]:
-        """(batches, tenant, body): who asks, what they sent, and the store to ask."""
+    async def _begin(self, scope: dict[str, Any], receive: Any, relay: Relay, headers: dict[bytes, bytes], limit: int | None = None) -> tuple[Any, Identity, bytes]:
+        """(batches, who asks, body): the store to ask, the identity (a
+        passthrough batch forwards the client's own key when Weir holds none),
+        what they sent."""
         ident, body = await self.app._identified_body(scope, receive, relay, headers, limit)
-        return self._batches(), ident.tenant, body
+        return self._batches(), ident, body
 
     @staticmethod
     def _id(scope: dict[str, Any]) -> str:
@@ -143,12 +145,13 @@ class BatchAPI:
         store the batch with its items in one transaction, wake the runner."""
         try:
             settings = self.app.settings.batches
-            batches, tenant, body = await self._begin(scope, receive, relay, headers, settings.max_bytes)
+            batches, ident, body = await self._begin(scope, receive, relay, headers, settings.max_bytes)
+            tenant = ident.tenant
             items = parse_create(body, settings)
             base = public_base(scope, headers, settings)
             route = self._passthrough_route([bytes(i.params) for i in items])
             if route is not None:
-                await self._passthrough(batches).create(relay, tenant, headers, body, route, base)
+                await self._passthrough(batches).create(scope, receive, relay, ident, headers, body, route, base)
                 return
             now = batches.now_us()
             batch = Batch(
@@ -170,16 +173,13 @@ class BatchAPI:
         app = self.app
         if app.router is None or not any(u.kind == "anthropic" and u.batch_mode() == "passthrough" for u in app.settings.upstreams):
             return None
-        try:
-            from .passthrough import passthrough_route
-        except ImportError:  # until proxy/batches/passthrough.py lands: every batch is Weir's
-            return None
         return passthrough_route(app.router, [_model_of.decode(p).model for p in params])
 
     async def list(self, scope: dict[str, Any], receive: Any, relay: Relay, headers: dict[bytes, bytes]) -> None:
         """Newest first; ``after_id`` pages towards older batches, ``before_id`` towards newer."""
         try:
-            batches, tenant, _ = await self._begin(scope, receive, relay, headers)
+            batches, ident, _ = await self._begin(scope, receive, relay, headers)
+            tenant = ident.tenant
             args = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
             limit = _limit(args.get("limit"))
             before, after = args.get("before_id") or None, args.get("after_id") or None
@@ -187,12 +187,10 @@ class BatchAPI:
                 raise ProxyError(400, "give before_id or after_id, not both", "invalid_request_error")
             page, has_more = await batches.store.list(tenant, before_id=before, after_id=after, limit=limit)
             base = public_base(scope, headers, batches.settings)
-            data: list[bytes] = []
-            for b in page:
-                if b.mode == "passthrough":
-                    data.append(msgspec.json.encode(await self._passthrough(batches).refreshed(b, headers, base)))
-                else:
-                    data.append(batch_json(b, base))
+            if any(b.mode == "passthrough" for b in page):
+                # Still running at their upstream: as it says they are now.
+                page = await self._passthrough(batches).refresh(ident, page, headers)
+            data = [batch_json(b, base) for b in page]
         except ProxyError as err:
             await relay.send_error(err)
             return
@@ -206,11 +204,11 @@ class BatchAPI:
 
     async def retrieve(self, scope: dict[str, Any], receive: Any, relay: Relay, headers: dict[bytes, bytes]) -> None:
         try:
-            batches, tenant, _ = await self._begin(scope, receive, relay, headers)
-            batch = await self._find(batches, tenant, self._id(scope))
+            batches, ident, _ = await self._begin(scope, receive, relay, headers)
+            batch = await self._find(batches, ident.tenant, self._id(scope))
             base = public_base(scope, headers, batches.settings)
             if batch.mode == "passthrough":
-                await self._passthrough(batches).retrieve(relay, batch, headers, base)
+                await self._passthrough(batches).retrieve(scope, receive, relay, ident, batch, headers, base)
                 return
         except ProxyError as err:
             await relay.send_error(err)
@@ -225,12 +223,13 @@ class BatchAPI:
         once, those in flight finish (as Anthropic's do); the sweep that follows
         ends the batch once nothing runs."""
         try:
-            batches, tenant, _ = await self._begin(scope, receive, relay, headers)
+            batches, ident, _ = await self._begin(scope, receive, relay, headers)
+            tenant = ident.tenant
             batch_id = self._id(scope)
             base = public_base(scope, headers, batches.settings)
             found = await self._find(batches, tenant, batch_id)
             if found.mode == "passthrough":
-                await self._passthrough(batches).cancel(relay, found, headers, base)
+                await self._passthrough(batches).cancel(scope, receive, relay, ident, found, headers, base)
                 return
             batch = await batches.store.cancel(tenant, batch_id, batches.now_us())
             if batch is None:
@@ -247,11 +246,12 @@ class BatchAPI:
     async def delete(self, scope: dict[str, Any], receive: Any, relay: Relay, headers: dict[bytes, bytes]) -> None:
         """Only an ended batch can be deleted (Anthropic: cancel it first)."""
         try:
-            batches, tenant, _ = await self._begin(scope, receive, relay, headers)
+            batches, ident, _ = await self._begin(scope, receive, relay, headers)
+            tenant = ident.tenant
             batch_id = self._id(scope)
             found = await self._find(batches, tenant, batch_id)
             if found.mode == "passthrough":
-                await self._passthrough(batches).delete(relay, found, headers)
+                await self._passthrough(batches).delete(scope, receive, relay, ident, found, headers)
                 return
             done = await batches.store.delete(tenant, batch_id)
             if done == "not_found":
@@ -270,11 +270,12 @@ class BatchAPI:
         """The results JSONL, one line per item in request order, streamed from
         the store a page at a time (a 100,000-item batch is never held whole)."""
         try:
-            batches, tenant, _ = await self._begin(scope, receive, relay, headers)
+            batches, ident, _ = await self._begin(scope, receive, relay, headers)
+            tenant = ident.tenant
             batch_id = self._id(scope)
             batch = await self._find(batches, tenant, batch_id)
             if batch.mode == "passthrough":
-                await self._passthrough(batches).results(relay, batch, headers)
+                await self._passthrough(batches).results(scope, receive, relay, ident, batch, headers)
                 return
             if batch.processing_status != "ended":
                 raise ProxyError(400, f"message batch {batch_id!r} has not ended: its results are ready once processing_status is \"ended\"", "invalid_request_error")

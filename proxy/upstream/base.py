@@ -37,6 +37,9 @@ class UpstreamRequest:
     # completions). "" derives it from the path, so the one ingress that
     # speaks OpenAI (/v1/chat/completions) needs no flag of its own.
     api: str = ""
+    # An upstream name pins the request to that target alone: a passthrough
+    # batch lives at one upstream, which alone knows its id. "" = routed.
+    target: str = ""
 
     def __post_init__(self) -> None:
         if not self.api:
