@@ -29,7 +29,7 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Recomputed for the upstream leg: host and length by the pool (h11); encoding is
+# Recomputed for the upstream leg: host and length by the pool (http1.py); encoding is
 # fixed to identity so Weir can read what it must (cache, translation, usage)
 # without inflating — LLM replies are small next to their latency.
 _REQUEST_RECOMPUTED = frozenset({b"host", b"content-length", b"accept-encoding", b"expect"})

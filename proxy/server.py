@@ -48,6 +48,15 @@ below is reproduced over raw sockets in ``tests/test_attack.py``.
    body may go silent at most ``body_idle_s``. Expiry answers 408 with
    ``connection: close`` when nothing was answered yet, then closes.
 
+7. **Keep-alive without a task per request.** Hypercorn restarts its idle
+   timer on every request: a lock, a cancelled task and a ``nursery.start``
+   (a new task and a scheduling round trip before the connection reads its
+   next request). In the py-spy profile of ``loadtests/latency.py`` that was
+   ~6% of a proxied request's CPU. Here each connection has one timer task
+   for its life, sleeping in a cancel scope whose deadline each request moves
+   (``_KeepAlive``); the behaviour is Hypercorn's: an idle connection closes
+   after ``keep_alive_timeout``, and at shutdown as soon as it is idle.
+
 When it can go: items 1-4 when a Hypercorn release closes #203 and shields
 ``_close`` — run ``tests/test_attack.py`` against it without ``install()``;
 ``pyproject.toml`` pins the tested range, since this subclass relies on
@@ -150,8 +159,74 @@ class _LastRequestH11(h11.Connection):
         return super().next_event()
 
 
+class _KeepAlive:
+    """Hypercorn's idle timer (``TrioSingleTask``'s interface) as one task per connection.
+
+    ``restart`` (the connection went idle) moves a deadline to now plus
+    ``keep_alive_timeout``; ``stop`` (a request began) moves it to infinity.
+    The one task sleeps until that deadline passes, or until the server stops
+    while the connection is idle, then closes the connection as Hypercorn's
+    ``_idle_timeout`` does.
+    """
+
+    __slots__ = ("_server", "_deadline", "_scope", "_terminated", "_started", "_done")
+
+    def __init__(self, server: TCPServer) -> None:
+        self._server = server
+        self._deadline = inf
+        self._scope: trio.CancelScope | None = None
+        self._terminated = False
+        self._started = False
+        self._done = False
+
+    async def restart(self, task_group: Any, action: Any) -> None:
+        self._move(trio.current_time() + self._server.config.keep_alive_timeout)
+        if not self._started:
+            self._started = True
+            task_group._nursery.start_soon(self._run)
+        elif self._terminated and self._scope is not None:
+            self._scope.cancel()  # the server is stopping and this connection just went idle
+
+    async def stop(self) -> None:
+        self._move(inf)
+
+    def close(self) -> None:
+        """The connection is closing anyway: the timer task ends without acting,
+        so the connection's task group can exit."""
+        self._done = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def _move(self, deadline: float) -> None:
+        self._deadline = deadline
+        if self._scope is not None:
+            self._scope.deadline = deadline
+
+    async def _run(self) -> None:
+        while True:
+            if self._done:
+                return  # the connection closed on its own
+            with trio.CancelScope(deadline=self._deadline) as scope:
+                self._scope = scope
+                if self._terminated:
+                    await trio.sleep_forever()
+                else:
+                    await self._server.context.terminated.wait()
+                    self._terminated = True
+            self._scope = None
+            idle = self._deadline != inf
+            if not self._done and idle and (self._terminated or trio.current_time() >= self._deadline):
+                break
+        with trio.CancelScope(shield=True):
+            await self._server._initiate_server_close()
+
+
 class GuardedTCPServer(TCPServer):
     """Hypercorn's trio connection with the fixes and deadlines above."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.idle_task = _KeepAlive(self)  # type: ignore[assignment]
 
     async def run(self) -> None:
         try:
@@ -172,6 +247,7 @@ class GuardedTCPServer(TCPServer):
             await super().protocol_send(event)
 
     async def _close(self) -> None:
+        self.idle_task.close()  # type: ignore[attr-defined]
         with trio.CancelScope(shield=True):
             await super()._close()
 
@@ -221,6 +297,7 @@ class GuardedTCPServer(TCPServer):
             conn = self._h11()
             if head_since is None and conn is not None and conn.their_state is h11.IDLE:
                 head_since = received  # the first bytes of the next head
+        self.idle_task.close()  # type: ignore[attr-defined]
         await self.protocol.handle(Closed())
 
     async def _expire(self, what: str) -> None:

@@ -1,4 +1,4 @@
-"""The upstream connection pool: h11 on trio streams, nothing in between.
+"""The upstream connection pool: HTTP/1.1 on trio streams, nothing in between.
 
 Why not httpx here. The side-by-side benchmark's py-spy profile put ~42% of
 Weir's CPU in httpx/httpcore, and the single hottest function in the process
@@ -9,7 +9,8 @@ one httpx client, ~350 req/s). Weir's scheduler already guarantees that
 no more requests are in flight than the pool holds, so the pool needs no
 waiter queue, no request routing and no per-request model objects: a stack
 of idle connections, a readability check on the one connection we take, and
-h11 for the protocol — the same protocol library httpcore and Hypercorn use.
+``http1.py`` for the protocol (llhttp through httptools; why not h11 is
+there).
 
 Idle connections are closed after ``keepalive_expiry``. Taking one only
 looks at the warm end of the stack, so after a burst the cold end (2,000
@@ -34,10 +35,10 @@ from collections import deque
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
-import h11
 import trio
 
 from .base import UpstreamError, read_up_to
+from .http1 import ProtocolError, RefusedRequest, ResponseParser, request_bytes
 
 __all__ = ["ConnectionPool", "PooledResponse"]
 
@@ -53,12 +54,11 @@ def _ssl_context() -> ssl.SSLContext:
 
 
 class _Conn:
-    __slots__ = ("stream", "h11", "sock", "idle_since", "reused")
+    __slots__ = ("stream", "sock", "idle_since", "reused")
 
     def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType) -> None:
         self.stream = stream
         self.sock = sock
-        self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
         self.reused = False
 
@@ -66,55 +66,35 @@ class _Conn:
 class PooledResponse:
     """The head of a response, and its body as the upstream delivers it."""
 
-    __slots__ = ("status", "headers", "_pool", "_conn", "_done", "_pending")
+    __slots__ = ("status", "headers", "_conn", "_parser", "_pending")
 
-    def __init__(self, pool: ConnectionPool, conn: _Conn, status: int, headers: list[tuple[bytes, bytes]], pending: list[bytes]) -> None:
-        self._pool = pool
+    def __init__(self, conn: _Conn, parser: ResponseParser, pending: bytes) -> None:
         self._conn = conn
-        self.status = status
-        self.headers = headers
-        self._done = False
+        self._parser = parser
+        self.status = parser.status
+        self.headers = parser.headers
         self._pending = pending
 
     async def aiter(self) -> AsyncIterator[bytes]:
-        conn = self._conn
-        h = conn.h11
+        parser = self._parser
         if self._pending:
-            data, self._pending = b"".join(self._pending), []
-            if self._done:
-                yield data
-                return
+            data, self._pending = self._pending, b""
             yield data
-        if self._done:
-            return
-        while True:
+        stream = self._conn.stream
+        while not parser.done:
             try:
-                raw = await conn.stream.receive_some(_RECV)
+                raw = await stream.receive_some(_RECV)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise UpstreamError("reset", f"upstream connection broke mid-response: {exc!r}") from None
-            h.receive_data(raw)
-            parts: list[bytes] = []
+            try:
+                parser.feed(raw)
+            except ProtocolError as exc:
+                raise UpstreamError("reset" if not raw else "protocol", f"upstream response broke off: {exc}") from None
             # Everything one read delivered goes out as one item: one ASGI
             # send per upstream read, never one per chunk or event.
-            while True:
-                try:
-                    event = h.next_event()
-                except h11.RemoteProtocolError as exc:
-                    raise UpstreamError("reset" if not raw else "protocol", f"upstream response broke off: {exc}") from None
-                t = type(event)
-                if t is h11.Data:
-                    parts.append(event.data)
-                elif t is h11.EndOfMessage:
-                    self._done = True
-                    break
-                elif event is h11.NEED_DATA:
-                    break
-                elif t is h11.ConnectionClosed:
-                    raise UpstreamError("reset", "upstream closed the connection mid-response")
-            if parts:
-                yield parts[0] if len(parts) == 1 else b"".join(parts)
-            if self._done:
-                return
+            data = parser.take_body()
+            if data:
+                yield data
 
     async def read(self, limit: int) -> bytes:
         return await read_up_to(self.aiter(), limit)
@@ -210,61 +190,31 @@ class ConnectionPool:
             raise UpstreamError("reset", "upstream closed the connection before answering") from None
 
     async def _exchange(self, conn: _Conn, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> PooledResponse:
-        h = conn.h11
         ok = False
         try:
-            all_headers = [(b"host", self.host_header), (b"content-length", b"%d" % len(body)), *headers]
             try:
-                out = h.send(h11.Request(method=method, target=self.base_path.encode() + target, headers=all_headers))
-            except h11.LocalProtocolError as exc:
+                out = request_bytes(method, self.base_path.encode() + target, self.host_header, headers, body)
+            except RefusedRequest as exc:
                 # Our own client refuses the request: nothing reached the target.
                 raise UpstreamError("refused", f"request cannot be sent upstream: {exc}") from None
-            out += h.send(h11.Data(data=body)) if body else b""
-            out += h.send(h11.EndOfMessage())
+            parser = ResponseParser()
             received_any = False
             try:
                 await conn.stream.send_all(out)
-                while True:
-                    event = h.next_event()
-                    if event is h11.NEED_DATA:
-                        raw = await conn.stream.receive_some(_RECV)
-                        if raw:
-                            received_any = True
-                        h.receive_data(raw)
-                        continue
-                    t = type(event)
-                    if t is h11.Response:
-                        break
-                    if t is h11.InformationalResponse:
-                        continue  # 100 Continue and friends: the real head follows
-                    if t is h11.ConnectionClosed:
+                while not parser.head_done:
+                    raw = await conn.stream.receive_some(_RECV)
+                    if not raw and not received_any:
                         raise _StaleConnection()
+                    received_any = True
+                    parser.feed(raw)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 if not received_any and conn.reused:
                     raise _StaleConnection() from None
                 raise UpstreamError("reset", f"upstream connection broke before the response: {exc!r}") from None
-            except h11.RemoteProtocolError as exc:
-                if not received_any and conn.reused:
-                    raise _StaleConnection() from None
-                raise UpstreamError("protocol" if received_any else "reset", f"upstream sent no valid HTTP response: {exc}") from None
-            # Data that arrived with the head: leave it in h11 and let aiter
-            # drain it before reading the socket again.
-            pending: list[bytes] = []
-            done = False
-            while True:
-                try:
-                    ev = h.next_event()
-                except h11.RemoteProtocolError as exc:
-                    raise UpstreamError("protocol", f"upstream response is malformed: {exc}") from None
-                if type(ev) is h11.Data:
-                    pending.append(ev.data)
-                elif type(ev) is h11.EndOfMessage:
-                    done = True
-                    break
-                else:
-                    break
-            resp = PooledResponse(self, conn, event.status_code, list(event.headers), pending)
-            resp._done = done
+            except ProtocolError as exc:
+                raise UpstreamError("protocol", f"upstream sent no valid HTTP response: {exc}") from None
+            # Body bytes that arrived with the head go out first, before the socket is read again.
+            resp = PooledResponse(conn, parser, parser.take_body())
             ok = True
             return resp
         finally:
@@ -274,13 +224,7 @@ class ConnectionPool:
     def release(self, resp: PooledResponse) -> None:
         """Return the connection if the exchange completed cleanly; close it otherwise."""
         conn = resp._conn
-        h = conn.h11
-        if resp._done and not self.closed and h.our_state is h11.DONE and h.their_state is h11.DONE:
-            try:
-                h.start_next_cycle()
-            except h11.LocalProtocolError:
-                _close_now(conn)
-                return
+        if resp._parser.reusable and not self.closed:
             conn.idle_since = trio.current_time()
             self._idle.append(conn)
             self._became_idle.set()

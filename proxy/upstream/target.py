@@ -5,7 +5,7 @@ whose capacity is ``max_connections``, so no more are in flight than the
 pool holds: the pool never queues, and never needs to. docs/ARCHITECTURE.md
 has the figures: a client pool queueing 64 requests (httpx's) collapsed to
 ~350 req/s, and the side-by-side benchmark's profile is why the upstream leg
-is h11 on trio (``pool.py``).
+is its own HTTP/1.1 on trio (``pool.py``, ``http1.py``).
 """
 
 from __future__ import annotations
