@@ -1,5 +1,5 @@
-"""The connection's keep-alive timer (proxy/server.py, ``_KeepAlive``) under MockClock,
-then the same behaviour through a real Hypercorn server."""
+"""What proxy/server.py does per connection in place of Hypercorn: the keep-alive
+timer (``_KeepAlive``, under MockClock, then through a real server) and the date header."""
 
 from __future__ import annotations
 
@@ -100,3 +100,13 @@ async def test_real_server_keeps_a_connection_across_requests_then_closes_it_whe
         with trio.fail_after(5):
             assert await stream.receive_some(65536) == b""  # the server's EOF
         await stream.aclose()
+
+
+def test_date_header_is_formatted_once_per_second_and_stays_exact() -> None:
+    from wsgiref.handlers import format_date_time
+
+    from proxy.server import _DatePerSecond
+
+    date = _DatePerSecond()
+    for ts in (1_700_000_000.0, 1_700_000_000.4, 1_700_000_000.999, 1_700_000_001.0, 1_700_000_065.5):
+        assert date(ts) == format_date_time(int(ts))
