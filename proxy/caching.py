@@ -50,7 +50,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,6 +255,23 @@ class _Recording:
 # --------------------------------------------------------------- trio shell
 
 
+class _Bypass:
+    """The inner response, marked ``bypass``: a Messages call the policy kept out of the cache."""
+
+    __slots__ = ("_inner",)
+
+    def __init__(self, inner: AbstractAsyncContextManager[UpstreamResponse]) -> None:
+        self._inner = inner
+
+    async def __aenter__(self) -> UpstreamResponse:
+        resp = await self._inner.__aenter__()
+        resp.served.cache = "bypass"
+        return resp
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool | None:
+        return await self._inner.__aexit__(exc_type, exc, tb)
+
+
 class CacheLayer:
     """The cache and coalesce stages: an opener over the router.
 
@@ -311,16 +328,22 @@ class CacheLayer:
         self.counts["hits"] += 1
         return _hit(found[0], ctx.stream)
 
-    @asynccontextmanager
-    async def open(self, req: UpstreamRequest, ctx: RequestContext) -> AsyncIterator[UpstreamResponse]:
-        """The response for a request the cache could not answer (``hit`` came first)."""
+    def open(self, req: UpstreamRequest, ctx: RequestContext) -> AbstractAsyncContextManager[UpstreamResponse]:
+        """The response for a request the cache could not answer (``hit`` came first).
+
+        A request the cache does not cover is the router's own context
+        manager, with no layer of ours around it (most traffic: one less
+        generator per request).
+        """
         lk: Lookup | None = ctx.lookup
         if lk is None:
-            async with self.inner.open(req, ctx) as resp:
-                if ctx.path == CACHED_ROUTE:
-                    resp.served.cache = "bypass"
-                yield resp
-            return
+            if ctx.path == CACHED_ROUTE:
+                return _Bypass(self.inner.open(req, ctx))
+            return self.inner.open(req, ctx)
+        return self._open(lk, req, ctx)
+
+    @asynccontextmanager
+    async def _open(self, lk: Lookup, req: UpstreamRequest, ctx: RequestContext) -> AsyncIterator[UpstreamResponse]:
         if self.coalescer is not None:
             async with self._join(lk, req, ctx) as resp:
                 yield resp

@@ -32,6 +32,8 @@ def test_request_is_written_once_with_host_and_length_first() -> None:
         [(b"x-a", b"1\r\nx-injected: 1")],
         [(b"x-a", b"1\n")],
         [(b"x-a", b"\x00")],
+        [(b"x-a", b"\x01")],
+        [(b"x-a", b"a\x7fb")],
         [(b"bad name", b"1")],
         [(b"", b"1")],
         [(b"ok", b"1"), (b"x:y", b"2")],

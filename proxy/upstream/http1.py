@@ -11,8 +11,8 @@ llhttp — Node's parser, in C — through httptools, the binding uvicorn uses:
 this module is only the upstream leg.
 
 What h11 checked and this keeps checking before a byte is written: header
-names are RFC 9110 tokens and no name or value holds CR, LF or NUL — the
-request-splitting cases. Most headers reach here from the client through
+names are RFC 9110 tokens and no value holds a control character but HTAB
+— CR, LF and NUL are the request-splitting cases. Most headers reach here from the client through
 Hypercorn's h11, which already refused worse; the rest are Weir's own.
 llhttp is strict by default: a response with both ``content-length`` and
 ``transfer-encoding``, two different lengths, or bad chunk framing is an
@@ -27,12 +27,13 @@ import httptools
 
 __all__ = ["ProtocolError", "RefusedRequest", "ResponseParser", "request_bytes"]
 
-# RFC 9110 §5.1 field-name = token; §5.5 field values: no CR, LF or NUL.
+# RFC 9110 §5.1 field-name = token; §5.5 field values: visible characters,
+# obs-text, SP and HTAB — no other control character (CR, LF and NUL above all).
 _TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 _TOKEN = re.compile(_TCHAR + rb"+")
 # Every name at once: tokens joined by \x01, which is not a token character.
 _NAMES = re.compile(rb"(?:" + _TCHAR + rb"+\x01)*" + _TCHAR + rb"+")
-_FORBIDDEN_IN_VALUE = re.compile(rb"[\x00\r\n]")
+_FORBIDDEN_IN_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # The request line's method and target: a token, and no whitespace or controls.
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 
@@ -52,14 +53,14 @@ def request_bytes(method: bytes, target: bytes, host: bytes, headers: list[tuple
     headers must not carry either (proxy/headers.py drops them).
     """
     names = b"\x01".join([n for n, _ in headers])
-    values = b"\x01".join([v for _, v in headers])
+    values = b"\t".join([v for _, v in headers])  # HTAB: allowed inside a value, so the joiner never trips the check
     # One C call each for the whole set, not one per header.
     # (The count: a name with the joiner inside it must not pass as two names.)
     if headers and (_NAMES.fullmatch(names) is None or names.count(b"\x01") != len(headers) - 1):
         bad = next((n for n, _ in headers if _TOKEN.fullmatch(n) is None), b"")
         raise RefusedRequest(f"header name {bad!r} is not a token")
     if _FORBIDDEN_IN_VALUE.search(values) is not None or _FORBIDDEN_IN_VALUE.search(host) is not None:
-        raise RefusedRequest("a header value holds CR, LF or NUL")
+        raise RefusedRequest("a header value holds a control character")
     if _TOKEN.fullmatch(method) is None or _TARGET.fullmatch(target) is None:
         raise RefusedRequest(f"bad request line: {method!r} {target!r}")
     head = [method, b" ", target, b" HTTP/1.1\r\nhost: ", host, b"\r\ncontent-length: %d\r\n" % len(body)]

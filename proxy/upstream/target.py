@@ -10,11 +10,10 @@ is its own HTTP/1.1 on trio (``pool.py``, ``http1.py``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from typing import Any
 
 from ..settings import DeadlineSettings, UpstreamSettings
-from .base import UpstreamRequest, UpstreamResponse
+from .base import UpstreamRequest
 from .pool import ConnectionPool, PooledResponse
 
 __all__ = ["Target"]
@@ -45,22 +44,14 @@ class Target:
             return [(b"authorization", b"Bearer " + key.encode())]
         return [(b"x-api-key", key.encode())]
 
-    @asynccontextmanager
-    async def open(self, req: UpstreamRequest, *, credentials: list[tuple[bytes, bytes]]) -> AsyncIterator[UpstreamResponse]:
-        """Send ``req`` and yield the response once its head arrived.
+    def open(self, req: UpstreamRequest, *, credentials: list[tuple[bytes, bytes]]) -> _Exchange:
+        """Send ``req``; the context manager's value is the response once its head arrived.
 
         The slot is held until the body is consumed or abandoned, because the
         connection is busy until then. Raises ``UpstreamError`` when no head
         could be had.
         """
-        resp: PooledResponse | None = None
-        try:
-            target = req.path.encode() + (b"?" + req.query if req.query else b"")
-            resp = await self.pool.request(req.method.encode(), target, req.headers + credentials + self._extra, req.body)
-            yield resp
-        finally:
-            if resp is not None:
-                self.pool.release(resp)
+        return _Exchange(self.pool, req, req.headers + credentials + self._extra)
 
     async def probe_key(self, key: str) -> int:
         """The status of the cheapest authenticated request there is — the
@@ -84,3 +75,26 @@ class Target:
 
     async def aclose(self) -> None:
         await self.pool.aclose()
+
+
+class _Exchange:
+    """One request on the target's pool; the connection goes back (or is
+    closed, mid-message) when the block ends. A class, not
+    ``@asynccontextmanager``, for the hot path (see ``Router.open``)."""
+
+    __slots__ = ("_pool", "_req", "_headers", "_resp")
+
+    def __init__(self, pool: ConnectionPool, req: UpstreamRequest, headers: list[tuple[bytes, bytes]]) -> None:
+        self._pool, self._req, self._headers = pool, req, headers
+        self._resp: PooledResponse | None = None
+
+    async def __aenter__(self) -> PooledResponse:
+        req = self._req
+        target = req.path.encode() + (b"?" + req.query if req.query else b"")
+        self._resp = await self._pool.request(req.method.encode(), target, self._headers, req.body)
+        return self._resp
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if self._resp is not None:
+            self._pool.release(self._resp)
+        return False
