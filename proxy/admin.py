@@ -36,6 +36,7 @@ class WeirView(Protocol):
     draining: bool
     started: bool
     ledger: Any  # proxy.ledger.service.Ledger, or None when ledger.url = "off"
+    batches: Any  # proxy.batches.service.Batches, or None when Weir does not run batches
 
     def ready(self) -> tuple[bool, str]: ...
 
@@ -150,6 +151,8 @@ def build_admin(weir: WeirView) -> QuartTrio:
             "rate_limited": dict(weir.limited),
             "ratelimiter": {"kind": type(weir.ratelimiter).__name__, "errors": getattr(weir.ratelimiter, "errors", 0)} if weir.ratelimiter else None,
             "schedulers": {lane.name: msgspec.to_builtins(lane.scheduler.stats()) for lane in weir.router.lanes} if weir.started else {},
+            # This worker's batch runner: items in flight, results written, retries, leases lost.
+            "batches": weir.batches.stats() if weir.batches is not None else None,
         }
 
     @app.get("/admin/cache")

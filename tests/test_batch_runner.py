@@ -202,6 +202,7 @@ async def test_an_expired_batch_ends_with_what_was_left_expired(store, autojump_
                 await trio.sleep(0.5)
         nursery.cancel_scope.cancel()
     kinds = [x["result"]["type"] for x in lines(store)]
-    # Two finished by 8 s; the third was in flight at 10 s: expired, and its late finish changed nothing.
+    # Two finished by 8 s; the third was in flight at 10 s: expired, and its run stopped there.
     assert kinds == ["succeeded", "succeeded", "expired", "expired", "expired", "expired"]
+    assert r.abandoned == 1 and r.duplicates == 0
     assert store.get("t", "msgbatch_a").counts == Counts(succeeded=2, expired=4)

@@ -194,6 +194,9 @@ async def test_two_workers_share_one_batch(backend, request, tmp_path):
             done = await ended(a, batch.id, timeout=30)
             assert done.request_counts.succeeded == 40
             r1, r2 = w1.app.batches.runner, w2.app.batches.runner  # type: ignore[union-attr]
+            async with httpx.AsyncClient(base_url=w2.url) as c:
+                stats = (await c.get("/admin/stats", headers=ADMIN)).json()["batches"]
+            assert stats["succeeded"] == r2.succeeded and stats["concurrency"] == 4 and stats["in_flight"] == 0
             assert r1.succeeded > 0 and r2.succeeded > 0 and r1.succeeded + r2.succeeded == 40
             ids = [r.custom_id async for r in await a.messages.batches.results(batch.id)]
             assert sorted(ids) == sorted(f"i{n}" for n in range(40))

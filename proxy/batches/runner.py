@@ -171,6 +171,7 @@ class BatchRunner:
         self.results_days = results_days
         self.draining = draining
         self._running: dict[tuple[str, int], Any] = {}  # claims in flight, by (batch, idx): renewed together
+        self._scopes: dict[tuple[str, int], trio.CancelScope] = {}  # each one's run, to stop it once it is no longer ours
         self.busy = 0  # slots taken: items in flight, and slots cooling after a retry
         self._more = False  # the last claim was a full page: more items are probably waiting
         self._stopping = False
@@ -183,6 +184,7 @@ class BatchRunner:
         self.errored = 0
         self.retried = 0
         self.duplicates = 0  # finished elsewhere first (a lease that ran out)
+        self.abandoned = 0  # stopped mid-run: the item expired, or its lease passed to another worker
         self.ended = 0
 
     # ------------------------------------------------------------ control
@@ -215,6 +217,7 @@ class BatchRunner:
             "errored": self.errored,
             "retried": self.retried,
             "duplicates": self.duplicates,
+            "abandoned": self.abandoned,
             "ended": self.ended,
         }
 
@@ -257,17 +260,35 @@ class BatchRunner:
             return []
 
     async def _item(self, claim: Any) -> None:
+        try:
+            cool = await self._run(claim)
+            if cool:
+                await trio.sleep(cool)
+        finally:
+            self.busy -= 1
+            if self._more:
+                self._wake.set()
+
+    async def _run(self, claim: Any) -> float:
+        """Run one item and settle it; returns how long its slot should cool."""
         key = (claim.batch_id, claim.idx)
         settled = False
         cool = 0.0
         try:
-            try:
-                status, headers, body = await self.execute(claim)
-            except Exception:
-                log.exception("batch item failed inside Weir", extra={"batch_id": claim.batch_id})
-                status, headers, body = 0, [], b""
+            status, headers, body = 0, [], b""
+            with trio.CancelScope() as scope:
+                self._scopes[key] = scope
+                try:
+                    status, headers, body = await self.execute(claim)
+                except Exception:
+                    log.exception("batch item failed inside Weir", extra={"batch_id": claim.batch_id})
             verdict = judge(status, headers, body, claim.attempt)
-            if isinstance(verdict, Finish):
+            if scope.cancelled_caught:
+                # Its batch expired or another worker holds it now: the result
+                # is not ours to write, and the upstream call is not worth finishing.
+                self.abandoned += 1
+                settled = True
+            elif isinstance(verdict, Finish):
                 settled = await self._finish(claim, verdict)
             else:
                 self.retried += 1
@@ -281,6 +302,7 @@ class BatchRunner:
                     log.warning("batch item not released: %s", exc)
         finally:
             del self._running[key]
+            self._scopes.pop(key, None)
             if not settled:
                 with trio.move_on_after(_RELEASE_ON_EXIT_S) as cs:
                     cs.shield = True
@@ -290,13 +312,7 @@ class BatchRunner:
                         log.warning("batch item not released (its lease will lapse): %s", exc)
             if not self._running:
                 self._idle.set()
-        try:
-            if cool:
-                await trio.sleep(cool)
-        finally:
-            self.busy -= 1
-            if self._more:
-                self._wake.set()
+        return cool
 
     async def _finish(self, claim: Any, verdict: Finish) -> bool:
         for attempt in range(_FINISH_TRIES):
@@ -323,9 +339,18 @@ class BatchRunner:
             await trio.sleep(self.lease_s / 3)
             if self._running:
                 try:
-                    await self.store.renew(self.owner, list(self._running.values()), self.now_us(), self.lease_us)
+                    lost = await self.store.renew(self.owner, list(self._running.values()), self.now_us(), self.lease_us)
                 except Exception as exc:
                     log.warning("batch lease renewal failed: %s", exc)
+                    continue
+                self._stop({(c.batch_id, c.idx) for c in lost})
+
+    def _stop(self, keys: set[tuple[str, int]]) -> None:
+        """Stop the runs of items that are no longer this worker's."""
+        for key in keys:
+            scope = self._scopes.get(key)
+            if scope is not None:
+                scope.cancel()
 
     async def _sweeps(self) -> None:
         retained_at = -math.inf
@@ -335,6 +360,10 @@ class BatchRunner:
                 ended = await self.store.sweep(self.now_us())
                 self._finished_since_sweep = 0
                 self.ended += len(ended)
+                if ended:
+                    # An expired batch's items in flight here were just marked expired.
+                    gone = set(ended)
+                    self._stop({key for key in self._running if key[0] in gone})
                 if now - retained_at >= _RETAIN_EVERY_S:
                     retained_at = now
                     await self.store.retain(self.now_us(), self.results_days)
