@@ -106,6 +106,7 @@ class SQLiteStore:
         self._idle: list[sqlite3.Connection] = []
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._closed = False
 
     # -- plumbing --------------------------------------------------------------
 
@@ -137,7 +138,12 @@ class SQLiteStore:
                 conn.execute("ROLLBACK")
             raise LedgerUnavailable(f"sqlite {self.path}: {exc}") from exc
         finally:
-            self._idle.append(conn)
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    self._idle.append(conn)
+            if closed:
+                conn.close()  # the store was closed while this call ran (see close)
 
     # -- schema ------------------------------------------------------------------
 
@@ -296,9 +302,15 @@ class SQLiteStore:
         return {"backend": "sqlite", "path": self.path, "bytes": (pages - free) * page, "file_bytes": pages * page, "rows": rows, "dlq_entries": dlq}
 
     def close(self) -> None:
+        """Close the idle connections; one still running a call — a write the
+        writer abandoned at its timeout or at shutdown, a read the admin API
+        gave up on — is closed by its own thread as that call returns.
+        Closing it from here, under the running statement, crashed the test
+        process (SIGSEGV in ``_write``, seen with batches sharing the file)."""
         with self._lock:
-            conns, self._all, self._idle = self._all, [], []
-        for c in conns:
+            self._closed = True
+            idle, self._all, self._idle = self._idle, [], []
+        for c in idle:
             c.close()
 
 
