@@ -94,6 +94,10 @@ async def test_the_sdk_runs_a_batch_against_an_openai_target(tmp_path):
                 rows = (await c.get("/admin/requests", params={"batch_id": batch.id}, headers=ADMIN)).json()["data"]
                 assert sorted(r["cache"] for r in rows if r["status"] == 200) in (["coalesced", "miss", "miss"], ["hit", "miss", "miss"], ["bypass", "coalesced", "miss"], ["bypass", "hit", "miss"])
                 assert {r["tenant"] for r in rows} == {"team-a"} and {r["client"] for r in rows} == {"weir-batch"}
+                # Every upstream call waited in the target's fair queue at batch priority, below interactive traffic.
+                metrics = (await c.get("/metrics", headers=ADMIN)).text
+                waits = [line for line in metrics.splitlines() if line.startswith("weir_queue_wait_seconds_count") and 'priority="batch"' in line]
+                assert len(waits) == 1 and float(waits[0].split()[-1]) == 4.0, waits  # 3 calls for the first batch, 1 for the second
 
             deleted = await a.messages.batches.delete(batch.id)
             assert (deleted.id, deleted.type) == (batch.id, "message_batch_deleted")
