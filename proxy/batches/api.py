@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import msgspec
+import trio
 
 from ..errors import ProxyError
 from .model import Batch, Counts, batch_json, deleted_json, new_batch_id, parse_create
@@ -147,9 +148,11 @@ class BatchAPI:
             settings = self.app.settings.batches
             batches, ident, body = await self._begin(scope, receive, relay, headers, settings.max_bytes)
             tenant = ident.tenant
-            items = parse_create(body, settings)
+            # Off the event loop: checking every item is ~14 µs each here, so
+            # 100,000 items would hold every other request for over a second.
+            items = await trio.to_thread.run_sync(parse_create, body, settings)
             base = public_base(scope, headers, settings)
-            route = self._passthrough_route([bytes(i.params) for i in items])
+            route = await self._passthrough_route(items)
             if route is not None:
                 await self._passthrough(batches).create(scope, receive, relay, ident, headers, body, route, base)
                 return
@@ -167,13 +170,14 @@ class BatchAPI:
         batches.wake()
         await self._json(relay, batch_json(batch, base))
 
-    def _passthrough_route(self, params: list[bytes]) -> Any:
+    async def _passthrough_route(self, items: list[Any]) -> Any:
         """PASSTHROUGH's decision, asked only when some target could take a batch
         to Anthropic's own API (no need to read every item's model otherwise)."""
         app = self.app
         if app.router is None or not any(u.kind == "anthropic" and u.batch_mode() == "passthrough" for u in app.settings.upstreams):
             return None
-        return passthrough_route(app.router, [_model_of.decode(p).model for p in params])
+        models = await trio.to_thread.run_sync(lambda: [_model_of.decode(i.params).model for i in items])
+        return passthrough_route(app.router, models)
 
     async def list(self, scope: dict[str, Any], receive: Any, relay: Relay, headers: dict[bytes, bytes]) -> None:
         """Newest first; ``after_id`` pages towards older batches, ``before_id`` towards newer."""
