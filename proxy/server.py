@@ -57,6 +57,14 @@ below is reproduced over raw sockets in ``tests/test_attack.py``.
    (``_KeepAlive``); the behaviour is Hypercorn's: an idle connection closes
    after ``keep_alive_timeout``, and at shutdown as soon as it is idle.
 
+8. **One write for a whole reply.** Hypercorn writes a response's head, its
+   body and h11's (empty) end of message separately: two ``send`` system
+   calls and three trips through the event loop per reply. A head whose
+   body has a ``content-length`` now waits in ``_LastRequestH11`` for the
+   first body bytes and goes out with them, and empty writes are skipped.
+   Chunked replies (Server-Sent Events) are not held: their head goes out
+   at once, as before.
+
 When it can go: items 1-4 when a Hypercorn release closes #203 and shields
 ``_close`` — run ``tests/test_attack.py`` against it without ``install()``;
 ``pyproject.toml`` pins the tested range, since this subclass relies on
@@ -159,6 +167,19 @@ class _LastRequestH11(h11.Connection):
             return h11.NEED_DATA  # leftovers of the last request's segment stay unread
         return super().next_event()
 
+    # A response with a content-length goes out head and body in one write
+    # (item 8 above): the head's bytes wait here for the first body bytes.
+    _head: bytes = b""
+
+    def send(self, event: Any) -> bytes | None:
+        data = super().send(event)
+        if type(event) is h11.Response and data and any(n == b"content-length" for n, _ in event.headers):
+            self._head = data
+            return b""
+        if self._head:
+            data, self._head = self._head + (data or b""), b""
+        return data
+
 
 class _KeepAlive:
     """Hypercorn's idle timer (``TrioSingleTask``'s interface) as one task per connection.
@@ -237,6 +258,10 @@ class GuardedTCPServer(TCPServer):
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):
+            if not event.data:
+                # h11's end of a content-length body, or a head held back
+                # for its body (``_LastRequestH11.send``): nothing to write.
+                return
             async with self.send_lock:
                 try:
                     with trio.CancelScope(shield=True):

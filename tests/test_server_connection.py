@@ -110,3 +110,37 @@ def test_date_header_is_formatted_once_per_second_and_stays_exact() -> None:
     date = _DatePerSecond()
     for ts in (1_700_000_000.0, 1_700_000_000.4, 1_700_000_000.999, 1_700_000_001.0, 1_700_000_065.5):
         assert date(ts) == format_date_time(int(ts))
+
+
+def _server_h11() -> "h11.Connection":
+    import h11
+
+    from proxy.server import _LastRequestH11
+
+    conn = _LastRequestH11(h11.SERVER)
+    conn.receive_data(b"GET /v1/models HTTP/1.1\r\nhost: weir\r\n\r\n")
+    assert type(conn.next_event()) is h11.Request and type(conn.next_event()) is h11.EndOfMessage
+    return conn
+
+
+def test_a_content_length_reply_leaves_in_one_write_with_its_body() -> None:
+    import h11
+
+    conn = _server_h11()
+    assert conn.send(h11.Response(status_code=200, headers=[(b"content-length", b"2")])) == b""
+    out = conn.send(h11.Data(data=b"ok"))
+    assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(b"\r\n\r\nok")
+    assert conn.send(h11.EndOfMessage()) == b""
+
+
+def test_a_bodiless_reply_still_sends_its_head_and_a_stream_is_not_held() -> None:
+    import h11
+
+    conn = _server_h11()
+    assert conn.send(h11.Response(status_code=200, headers=[(b"content-length", b"0")])) == b""
+    assert conn.send(h11.EndOfMessage()).startswith(b"HTTP/1.1 200 ")  # the head, at the end of the message
+    conn.start_next_cycle()
+    conn.receive_data(b"GET /v1/models HTTP/1.1\r\nhost: weir\r\n\r\n")
+    conn.next_event(), conn.next_event()
+    head = conn.send(h11.Response(status_code=200, headers=[(b"content-type", b"text/event-stream")]))
+    assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding: chunked" in head.lower()  # written at once
