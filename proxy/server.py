@@ -173,7 +173,8 @@ class _LastRequestH11(h11.Connection):
 
     def send(self, event: Any) -> bytes | None:
         data = super().send(event)
-        if type(event) is h11.Response and data and any(n == b"content-length" for n, _ in event.headers):
+        # (The head's own bytes tell the framing; h11's Headers iterate slowly.)
+        if type(event) is h11.Response and data and b"\r\ncontent-length:" in data.lower():
             self._head = data
             return b""
         if self._head:
@@ -309,12 +310,17 @@ class GuardedTCPServer(TCPServer):
                 head_since = None
                 deadline = inf
             try:
-                with trio.move_on_at(deadline) as scope:
+                if deadline == inf:
+                    # Between requests (the keep-alive timer watches that) or
+                    # while one is answered: no scope to enter and leave.
                     data = await self.stream.receive_some(MAX_RECV)
+                else:
+                    with trio.move_on_at(deadline) as scope:
+                        data = await self.stream.receive_some(MAX_RECV)
+                    if scope.cancelled_caught:
+                        await self._expire(what)
+                        break
             except (trio.ClosedResourceError, trio.BrokenResourceError):
-                break
-            if scope.cancelled_caught:
-                await self._expire(what)
                 break
             received = trio.current_time()
             await self.protocol.handle(RawData(bytes(data)))

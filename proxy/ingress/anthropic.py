@@ -14,7 +14,7 @@ import msgspec
 
 from ..errors import ProxyError
 from ..usage import CHARS_PER_TOKEN
-from .structure import BadStructure, check_structure, loads_object
+from .structure import BadStructure, check_structure, duplicate_in, loads_object, top_level_members
 
 __all__ = ["MessagesEnvelope", "CountTokensEnvelope", "decode_messages", "decode_count_tokens", "decode_envelope", "count_tokens_locally"]
 
@@ -74,8 +74,55 @@ def decode_envelope(decoder: msgspec.json.Decoder, body: bytes):  # type: ignore
     return env
 
 
+_str = msgspec.json.Decoder(str)
+_int = msgspec.json.Decoder(int)
+_bool = msgspec.json.Decoder(bool)
+_temperature = msgspec.json.Decoder(float | None)
+_raw_list = msgspec.json.Decoder(list[msgspec.Raw])
+_NO_RAW = msgspec.Raw(b"")
+
+
+def _messages_from(members: dict[str, msgspec.Raw]) -> MessagesEnvelope | None:
+    """The envelope built from the members the duplicate check decoded anyway:
+    only the few small values Weir reads are decoded again (and ``messages``
+    split into items), instead of a second pass over the whole body. None
+    when anything is off; the full decode then names the fault exactly."""
+    try:
+        stream = members.get("stream")
+        temperature = members.get("temperature")
+        return MessagesEnvelope(
+            model=_str.decode(members["model"]),
+            max_tokens=_int.decode(members["max_tokens"]),
+            messages=_raw_list.decode(members["messages"]),
+            stream=False if stream is None else _bool.decode(stream),
+            temperature=None if temperature is None else _temperature.decode(temperature),
+            system=members.get("system", _NO_RAW),
+            tools=members.get("tools", _NO_RAW),
+        )
+    except (KeyError, msgspec.ValidationError, msgspec.DecodeError):
+        return None
+
+
+def _decode_messages_envelope(body: bytes) -> MessagesEnvelope:
+    """The Messages envelope in one pass over the body, duplicate check included
+    (measured in loadtests/bench_envelope.py against the two-pass decode)."""
+    if not body:
+        raise _bad("request body is empty; expected a JSON object")
+    try:
+        members = top_level_members(body)
+        dup = duplicate_in(body, members)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+        return decode_envelope(_messages_decoder, body)  # not an object, or not JSON: the full path says which
+    if dup is not None:
+        raise _bad(f"request body has the top-level key {dup!r} more than once")
+    env = _messages_from(members)
+    if env is None:
+        return decode_envelope(_messages_decoder, body)
+    return env
+
+
 def decode_messages(body: bytes) -> MessagesEnvelope:
-    env: MessagesEnvelope = decode_envelope(_messages_decoder, body)
+    env = _decode_messages_envelope(body)
     if not env.model:
         raise _bad("model: must not be empty")
     if env.max_tokens < 1:

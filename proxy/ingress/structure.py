@@ -30,7 +30,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["MAX_DEPTH", "BadStructure", "check_structure", "duplicate_top_level_key", "loads_object", "nesting_depth"]
+__all__ = ["MAX_DEPTH", "BadStructure", "check_structure", "duplicate_in", "duplicate_top_level_key", "loads_object", "nesting_depth", "top_level_members"]
 
 # serde_json's default recursion limit, the strictest of the common JSON
 # readers (Python's json and msgspec stop near 1,000 frames, simdjson at
@@ -115,7 +115,28 @@ def duplicate_top_level_key(body: bytes) -> str | None:
     comes again. Each step is a C call (an anchored regex, a prefix
     comparison), one per top-level key.
     """
-    members = _members_decoder.decode(body)
+    return duplicate_in(body, _members_decoder.decode(body))
+
+
+def top_level_members(body: bytes) -> dict[str, msgspec.Raw]:
+    """The body's top-level members, values undecoded (msgspec keeps each key's last)."""
+    return _members_decoder.decode(body)
+
+
+def duplicate_in(body: bytes, members: dict[str, msgspec.Raw]) -> str | None:
+    """``duplicate_top_level_key`` given the members already decoded from ``body``.
+
+    First a length count, which settles compact JSON (what Claude Code and
+    the JS SDK send) without walking: the body can be no shorter than its
+    braces, commas, colons, the kept values (their exact bytes) and each
+    key at its shortest spelling (its UTF-8 between quotes). A repeated key
+    adds at least ``"k":v,`` — five bytes — on top, so a body exactly that
+    long repeats nothing. Any whitespace or escaped key makes it longer and
+    the walk below decides.
+    """
+    n = len(members)
+    if n and len(body) == 1 + 3 * n + sum([len(k.encode()) for k in members]) + sum([len(v) for v in members.values()]) + n:
+        return None
     seen: set[str] = set()
     pos = body.index(b"{") + 1
     while True:
