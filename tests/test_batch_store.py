@@ -299,3 +299,18 @@ def test_a_100000_item_batch_is_created_in_seconds_and_counted_in_a_row(store) -
     assert len(store.claim("w", T0, LEASE, 32)) == 32
     assert (time.perf_counter() - t) < 1
     print(f"\n{store.kind}: create 100k {created_s:.2f} s, get {get_ms:.2f} ms")
+
+
+def test_sqlite_pool_survives_losing_the_last_idle_connection_to_another_thread(tmp_path) -> None:
+    """Another thread takes the last idle connection between a look and a pop:
+    the call connects anew instead of failing with IndexError."""
+    s = open_store("", str(tmp_path))
+    s.migrate()
+
+    class Raced(list):
+        def __bool__(self) -> bool:
+            return True  # "one is idle" … and it is gone by the pop
+
+    s._idle = Raced()
+    assert s.get("t1", "msgbatch_x") is None
+    s.close()

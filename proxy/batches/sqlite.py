@@ -109,10 +109,18 @@ class SQLiteBatchStore:
             self._all.append(conn)
         return conn
 
+    def _conn(self) -> sqlite3.Connection:
+        # pop-or-connect in one step: a check and then a pop races with other
+        # threads taking the last idle connection (IndexError).
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return self._connect()
+
     def _call(self, fn: Any, *args: Any, write: bool = True) -> Any:
         """``fn(conn, *args)`` on a pooled connection; inside one ``BEGIN IMMEDIATE`` transaction when ``write``."""
         try:
-            conn = self._idle.pop() if self._idle else self._connect()
+            conn = self._conn()
         except sqlite3.Error as exc:
             raise BatchUnavailable(f"sqlite {self.path}: {exc}") from exc
         try:
@@ -136,7 +144,7 @@ class SQLiteBatchStore:
 
     def migrate(self) -> int:
         try:
-            conn = self._idle.pop() if self._idle else self._connect()
+            conn = self._conn()
         except sqlite3.Error as exc:
             raise BatchUnavailable(f"sqlite {self.path}: {exc}") from exc
         try:
