@@ -219,7 +219,7 @@ async def test_sdk_batches_end_to_end_through_weir_to_anthropics_batch_api(tmp_p
             full = weir.app.ledger.prices.cost("claude-sonnet-4-5", one["input_tokens"], one["output_tokens"], 0, 0)[0]
             assert one["cost_micros"] == full // 2 > 0
             # Weir, never the client, spoke to the mock: every request carries the upstream key, none a client key.
-            assert {r.header(b"x-api-key") for r in mock.requests} == {UPSTREAM_KEY.encode()}
+            assert {(r.header(b"x-api-key"), r.header(b"authorization")) for r in mock.requests} == {(UPSTREAM_KEY.encode(), None)}
 
             with trio.fail_after(10):
                 while (page := [x async for x in a.messages.batches.list()])[0].processing_status != "ended":
@@ -230,3 +230,23 @@ async def test_sdk_batches_end_to_end_through_weir_to_anthropics_batch_api(tmp_p
             assert (await a.messages.batches.delete(created.id)).id == created.id
             with pytest.raises(anthropic.NotFoundError):
                 await a.messages.batches.retrieve(created.id)
+
+
+async def test_with_no_client_keys_the_clients_own_key_reaches_anthropic_and_a_failed_create_leaves_no_batch(tmp_path: Any) -> None:
+    async with running_mock(batch_ms=0) as (mock, url):
+        sections = _sections(tmp_path, url)
+        del sections["auth"]
+        sections["upstreams"] = [{"name": "anthropic", "url": url}]  # no keys of its own: passthrough auth
+        async with running_weir(make_settings(url, **sections)) as weir:
+            mine = anthropic.AsyncAnthropic(base_url=weir.url, api_key="sk-ant-mine", max_retries=0)
+            theirs = anthropic.AsyncAnthropic(base_url=weir.url, api_key="sk-ant-theirs", max_retries=0)
+            with pytest.raises(anthropic.InternalServerError) as failed:
+                await mine.messages.batches.create(requests=[_request("x")], extra_headers={"x-mock-fault": "status=529"})
+            assert failed.value.status_code == 529 and failed.value.body["error"]["type"] == "overloaded_error"
+            assert [x async for x in mine.messages.batches.list()] == []
+            created = await mine.messages.batches.create(requests=[_request("x")])
+            assert [r.result.type async for r in await mine.messages.batches.results(created.id)] == ["succeeded"]
+            # This SDK sends its key as a bearer token; it goes upstream as sent.
+            assert {r.header(b"authorization") or r.header(b"x-api-key") for r in mock.requests} == {b"Bearer sk-ant-mine"}
+            with pytest.raises(anthropic.NotFoundError):  # another key is another tenant
+                await theirs.messages.batches.retrieve(created.id)
