@@ -132,7 +132,7 @@ async def test_results_pass_through_read_by_read_and_are_metered_on_the_side() -
 def _sections(tmp_path: Any, url: str) -> dict[str, Any]:
     return dict(
         server={"data_dir": str(tmp_path)},
-        auth={"client_keys": CLIENT_KEYS},
+        auth={"client_keys": CLIENT_KEYS, "admin_key": "adm"},
         ledger={"url": "", "flush_interval_ms": 20},
         upstreams=[{"name": "anthropic", "url": url, "api_keys": [UPSTREAM_KEY]}],
         retry={"max_attempts": 1},
@@ -218,6 +218,9 @@ async def test_sdk_batches_end_to_end_through_weir_to_anthropics_batch_api(tmp_p
             assert one["input_tokens"] == results["one"].message.usage.input_tokens and one["output_tokens"] == results["one"].message.usage.output_tokens
             full = weir.app.ledger.prices.cost("claude-sonnet-4-5", one["input_tokens"], one["output_tokens"], 0, 0)[0]
             assert one["cost_micros"] == full // 2 > 0
+            async with httpx.AsyncClient(base_url=weir.url, headers={"x-api-key": "adm"}) as admin:
+                usage = (await admin.get("/admin/usage", params={"group_by": "batch", "batch_id": created.id})).json()["data"]
+            assert usage[0]["batch"] == created.id and usage[0]["requests"] == 2 and usage[0]["output_tokens"] == sum(r["output_tokens"] for r in rows)
             # Weir, never the client, spoke to the mock: every request carries the upstream key, none a client key.
             assert {(r.header(b"x-api-key"), r.header(b"authorization")) for r in mock.requests} == {(UPSTREAM_KEY.encode(), None)}
 
