@@ -1049,7 +1049,8 @@ class _Batches:
     whose params ``/v1/messages`` would refuse is ``errored`` with that error;
     a batch canceled before it ended has every request ``canceled``.
     ``results_url`` points at the mock itself (its Host), as Anthropic's
-    points at api.anthropic.com.
+    points at api.anthropic.com. Batches live in the process that created
+    them: with ``--workers`` above 1 another process answers 404 for them.
     """
 
     def __init__(self, core: MockCore) -> None:
