@@ -205,3 +205,28 @@ async def test_two_workers_share_one_batch(backend, request, tmp_path):
             ids = [r.custom_id async for r in await a.messages.batches.results(batch.id)]
             assert sorted(ids) == sorted(f"i{n}" for n in range(40))
     assert len(mock.requests) == 40 + r1.duplicates + r2.duplicates and r1.duplicates + r2.duplicates == 0
+
+
+async def test_weir_starts_while_the_batch_database_is_away(database_url, pg_schema, tmp_path):
+    """As the ledger does: the batch API answers 503 until the database is back,
+    then batches run (the store's migration is retried in the background)."""
+    from urllib.parse import urlsplit
+
+    from tests.tcpproxy import running_tcp_proxy
+    from tests.test_ledger_writer import _via
+
+    parts = urlsplit(database_url)
+    async with running_tcp_proxy(parts.hostname or "127.0.0.1", parts.port or 5432) as tcp, running_mock() as (mock, url):
+        tcp.cut()
+        ledger = {"url": _via(database_url, tcp.listen_port), "pg_schema": pg_schema}
+        async with running_weir(make_settings(None, **sections(tmp_path, url, ledger))) as weir:
+            async with httpx.AsyncClient(base_url=weir.url, headers={"x-api-key": "k-a"}) as c:
+                assert (await c.get("/ready")).status_code == 200
+                refused(await c.post("/v1/messages/batches", json={"requests": [item("x")]}), 503, "api_error", "unavailable")
+                tcp.restore()
+                with trio.fail_after(20):
+                    while (r := await c.post("/v1/messages/batches", json={"requests": [item("x")]})).status_code == 503:
+                        await trio.sleep(0.1)
+                assert r.status_code == 200
+                a = anthropic.AsyncAnthropic(base_url=weir.url, api_key="k-a", max_retries=0)
+                assert (await ended(a, r.json()["id"])).request_counts.succeeded == 1

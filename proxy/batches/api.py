@@ -112,6 +112,8 @@ class BatchAPI:
         batches = self.app.batches
         if batches is None:
             raise ProxyError(503, "batches are starting; retry in a moment", "overloaded_error", [(b"retry-after", b"1")])
+        if not batches.ready:
+            raise ProxyError(503, "the batch store's database is unavailable; retry later", "api_error", [(b"retry-after", b"5")])
         return batches
 
     def _passthrough(self, batches: Any) -> PassthroughBatches:

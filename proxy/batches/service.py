@@ -13,6 +13,7 @@ and ``batches_enabled`` says no.
 
 from __future__ import annotations
 
+import logging
 import time
 from functools import partial
 from typing import Any
@@ -20,7 +21,13 @@ from typing import Any
 import trio
 
 from .runner import BatchRunner, new_owner
-from .store import open_store
+from .store import BatchUnavailable, open_store
+
+log = logging.getLogger("weir.batches")
+
+# A store that is down at start is tried again after 1 s, doubling to a minute.
+_MIGRATE_RETRY_S = 1.0
+_MIGRATE_RETRY_MAX_S = 60.0
 
 __all__ = ["AsyncBatchStore", "Batches", "WallClock", "batches_enabled", "serve_batches"]
 
@@ -84,6 +91,9 @@ class Batches:
         self.store = store
         self.runner = runner
         self.now_us = clock.now_us
+        # The tables exist (the store's migration ran): until then the API
+        # answers 503 and the runner has not started.
+        self.ready = False
 
     def wake(self) -> None:
         """A batch was created here: claim its items now, not at the next poll."""
@@ -96,12 +106,15 @@ class Batches:
 async def serve_batches(app: Any, *, task_status: trio.TaskStatus[Batches] = trio.TASK_STATUS_IGNORED) -> None:
     """Open the store, run this worker's runner until cancelled, then close the
     store. ``app`` is the ``Weir``: its settings, and ``run_batch_item`` for
-    each item."""
+    each item.
+
+    A database that is down at start does not stop Weir from starting (the
+    ledger's rule too): the migration is retried with backoff, batch calls
+    answer 503 meanwhile, and the runner starts once the tables exist."""
     settings = app.settings
     bs, ls = settings.batches, settings.ledger
     store = open_store(ls.url, settings.server.data_dir, pg_schema=ls.pg_schema)
     try:
-        await trio.to_thread.run_sync(store.migrate)
         astore = AsyncBatchStore(store)
         clock = WallClock()
 
@@ -121,9 +134,25 @@ async def serve_batches(app: Any, *, task_status: trio.TaskStatus[Batches] = tri
             results_days=bs.results_days,
             draining=lambda: app.draining,
         )
+        batches = Batches(bs, astore, runner, clock)
+        started = False
+        wait = _MIGRATE_RETRY_S
         async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    await astore.migrate()
+                    break
+                except BatchUnavailable as exc:
+                    log.warning("batch store unavailable; batches wait for it (next try in %.0f s): %s", wait, exc)
+                if not started:  # serve meanwhile: batch calls answer 503 until the tables exist
+                    task_status.started(batches)
+                    started = True
+                await trio.sleep(wait)
+                wait = min(wait * 2, _MIGRATE_RETRY_MAX_S)
+            batches.ready = True
             await nursery.start(runner.run)
-            task_status.started(Batches(bs, astore, runner, clock))
+            if not started:  # the usual case: start-up waited for the migration
+                task_status.started(batches)
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store.close)
