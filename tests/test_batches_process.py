@@ -1,7 +1,8 @@
-"""A batch survives ``kill -9`` of a real ``weir serve``: the restarted server
-resumes it, items that were in flight are run again once their lease lapses,
-and every item ends exactly once. Real processes need real time: the lease
-is a second."""
+"""A batch survives a real ``weir serve`` stopping mid-batch: SIGTERM lets the
+items in flight finish and hands the rest back; after ``kill -9`` the
+restarted server resumes it, items that were in flight run again once their
+lease lapses, and every item ends exactly once. Real processes need real
+time: the lease is a second."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-async def test_kill_9_mid_batch_then_restart_ends_every_item_once(tmp_path: Path) -> None:
+async def test_sigterm_and_kill_9_mid_batch_then_restart_end_every_item_once(tmp_path: Path) -> None:
     n = 40
     key = {"x-api-key": "k-a"}
     items = [{"custom_id": f"i{k}", "params": {"model": "m", "max_tokens": 16, "messages": [{"role": "user", "content": f"question {k}"}]}} for k in range(n)]
@@ -83,8 +84,22 @@ async def test_kill_9_mid_batch_then_restart_ends_every_item_once(tmp_path: Path
                 assert created.status_code == 200, created.text
                 bid = created.json()["id"]
                 with trio.fail_after(30):
-                    while len(mock.requests) < 10:
+                    while len(mock.requests) < 5:
                         await trio.sleep(0.01)
+            # SIGTERM first: the items in flight finish, nothing is left leased to a process that is gone.
+            proc.send_signal(signal.SIGTERM)
+            assert await trio.to_thread.run_sync(lambda: proc.wait(timeout=30)) == 0
+            with sqlite3.connect(tmp_path / "data" / "ledger.db") as db:
+                states = dict(db.execute("SELECT state, count(*) FROM batch_items WHERE batch_id = ? GROUP BY state", (bid,)).fetchall())
+            assert "running" not in states and states.get("pending", 0) > 0, states
+        finally:
+            _stop(proc)
+        after_sigterm = len(mock.requests)
+        proc, url = await _ready(tmp_path, mock_url)
+        try:
+            with trio.fail_after(30):
+                while len(mock.requests) < after_sigterm + 5:
+                    await trio.sleep(0.01)
             proc.send_signal(signal.SIGKILL)  # items in flight: leased to a process that is gone
             await trio.to_thread.run_sync(proc.wait)
             before = len(mock.requests)
@@ -103,6 +118,7 @@ async def test_kill_9_mid_batch_then_restart_ends_every_item_once(tmp_path: Path
                 ids = [httpx.Response(200, content=line).json()["custom_id"] for line in r.content.splitlines()]
         finally:
             _stop(proc)
+    assert proc.returncode == 0  # SIGTERM: the runner drained and the process exited cleanly
     assert sorted(ids) == sorted(f"i{k}" for k in range(n))  # every item, each once
     # Items in flight at the kill went upstream again: more calls than items, one result each.
     assert len(mock.requests) >= n
