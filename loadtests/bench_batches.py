@@ -38,7 +38,7 @@ import httpx
 import msgspec
 import trio
 
-from loadtests.bench import VENV_BIN, Server, _weir_env
+from loadtests.bench import VENV_BIN, Server, _weir_env, read_proc_stat_cpu
 from loadtests.procs import free_port
 from loadtests.record import add_save_flag, record
 
@@ -110,9 +110,16 @@ def batch_body(items: int) -> bytes:
     return msgspec.json.encode({"requests": reqs})
 
 
-async def run_batch(url: str, items: int, quiet_n: int) -> dict[str, Any]:
+def cpu_s(pid: int) -> float:
+    """A process's CPU seconds so far (utime + stime)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return read_proc_stat_cpu(f.read())
+
+
+async def run_batch(url: str, items: int, quiet_n: int, weir_pid: int) -> dict[str, Any]:
     body = batch_body(items)
     async with httpx.AsyncClient(base_url=url, timeout=120, headers={"x-api-key": "key-batch"}) as c:
+        cpu0 = cpu_s(weir_pid)
         t0 = time.perf_counter()
         created = await c.post("/v1/messages/batches", content=body, headers={"content-type": "application/json"})
         created.raise_for_status()
@@ -139,6 +146,7 @@ async def run_batch(url: str, items: int, quiet_n: int) -> dict[str, Any]:
                     break
                 await trio.sleep(0.25)
             elapsed = time.perf_counter() - t0
+            cpu = cpu_s(weir_pid) - cpu0  # the quiet tenant's requests included: a few per second
             done.set()
         lines = 0
         async with c.stream("GET", f"/v1/messages/batches/{bid}/results") as r:
@@ -156,6 +164,9 @@ async def run_batch(url: str, items: int, quiet_n: int) -> dict[str, Any]:
         "create_s": create_s,
         "elapsed_s": elapsed,
         "items_per_s": items / elapsed,
+        "weir_cpu_s": cpu,
+        "weir_cpu_ms_per_item": cpu * 1e3 / items,
+        "weir_cpu_share": cpu / elapsed,
         "request_counts": b["request_counts"],
         "result_lines": lines,
         "item_runs": runs["requests"],
@@ -184,7 +195,7 @@ async def main_async(items: int, rpm: float, quiet_n: int, latency_ms: float, co
         await weir.start(nursery)
         try:
             alone, alone_bad = await quiet_run(url, quiet_n)
-            batch = await run_batch(url, items, quiet_n)
+            batch = await run_batch(url, items, quiet_n, weir.pid)
         finally:
             await weir.stop()
             await mock.stop()
@@ -209,6 +220,7 @@ def render(r: dict[str, Any]) -> str:
         f"| created → ended | {r['elapsed_s']:.1f} s |",
         f"| **items per second** | **{r['items_per_s']:.1f}** (budget {r['budget_items_per_s']:.1f}/s: requests_per_minute = {r['rpm']:g}) |",
         f"| item runs / not 200 (429s from the mock's quota would count here) | {r['item_runs']:,} / {r['item_runs_not_200']} |",
+        f"| Weir's CPU while the batch ran | {r['weir_cpu_s']:.1f} s: {r['weir_cpu_ms_per_item']:.2f} ms an item, {r['weir_cpu_share'] * 100:.0f}% of a core |",
         f"| quiet tenant alone, p50 / p99 ms | {r['quiet_alone']['p50_ms']:.1f} / {r['quiet_alone']['p99_ms']:.1f} ({r['quiet_alone']['n']} requests) |",
         f"| quiet tenant during the batch, p50 / p99 ms | {r['quiet_during']['p50_ms']:.1f} / {r['quiet_during']['p99_ms']:.1f} ({r['quiet_during']['n']} requests) |",
         f"| **quiet p99, during / alone** (target ≤ 1.2) | **{r['quiet_p99_ratio']:.2f}×** |",
