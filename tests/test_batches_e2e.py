@@ -230,3 +230,18 @@ async def test_weir_starts_while_the_batch_database_is_away(database_url, pg_sch
                 assert r.status_code == 200
                 a = anthropic.AsyncAnthropic(base_url=weir.url, api_key="k-a", max_retries=0)
                 assert (await ended(a, r.json()["id"])).request_counts.succeeded == 1
+
+
+async def test_a_small_batch_is_not_stuck_behind_another_tenants_big_one(tmp_path):
+    """Claims go round-robin across tenants: a 3-item batch created after a
+    60-item one of another tenant ends long before it."""
+    async with running_mock(latency_ms=20) as (mock, url):
+        async with running_weir(make_settings(None, **sections(tmp_path, url, concurrency=2, claim_size=2))) as weir:
+            a = anthropic.AsyncAnthropic(base_url=weir.url, api_key="k-a", max_retries=0)
+            b = anthropic.AsyncAnthropic(base_url=weir.url, api_key="k-b", max_retries=0)
+            big = await a.messages.batches.create(requests=[item(f"a{n}", f"a {n}") for n in range(60)])
+            small = await b.messages.batches.create(requests=[item(f"b{n}", f"b {n}") for n in range(3)])
+            await ended(b, small.id)
+            done_a = sum(1 for r in mock.requests if b'"a ' in r.body)
+            assert done_a <= 15, done_a  # two slots shared by two tenants: a handful of a's, not all 60 first
+            assert (await ended(a, big.id)).request_counts.succeeded == 60
