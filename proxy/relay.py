@@ -184,6 +184,11 @@ class Relay:
         total = deadlines.total
         now = trio.current_time
         sse = self.is_sse
+        # A plain body is sent one read behind, so its last bytes carry the
+        # end of the message: one ASGI send (and one pass through Hypercorn)
+        # fewer per reply, where most replies arrive in a single read. A
+        # stream's events go out as they arrive.
+        held = b""
         try:
             async for chunk in resp.aiter():
                 deadline = now() + idle
@@ -192,9 +197,14 @@ class Relay:
                     continue
                 if meter is not None:
                     meter.feed(chunk)
-                if sse and (_ERROR_EVENT in chunk or _OPENAI_ERROR in chunk):
-                    self._stream_error(chunk)
-                await self._body(chunk, True)
+                if sse:
+                    if _ERROR_EVENT in chunk or _OPENAI_ERROR in chunk:
+                        self._stream_error(chunk)
+                    await self._body(chunk, True)
+                else:
+                    if held:
+                        await self._body(held, True)
+                    held = chunk
         except UpstreamError as exc:
             self.out.result = "error"
             self.out.error = "upstream_" + exc.kind
@@ -204,7 +214,7 @@ class Relay:
             # without the final message makes Hypercorn drop the connection, so
             # the client sees a truncated response rather than a short one.
             return False
-        await self._body(b"", False)
+        await self._body(held, False)
         return True
 
     def _stream_error(self, chunk: bytes) -> None:
