@@ -224,7 +224,10 @@ async def test_weir_starts_while_the_batch_database_is_away(database_url, pg_sch
                 assert (await c.get("/ready")).status_code == 200
                 refused(await c.post("/v1/messages/batches", json={"requests": [item("x")]}), 503, "api_error", "unavailable")
                 tcp.restore()
-                with trio.fail_after(20):
+                # The store's set-up is retried with backoff (1 s doubling, each try
+                # bounded by the connect timeout): on a loaded machine the first try
+                # after the restore can be ~30 s away.
+                with trio.fail_after(60):
                     while (r := await c.post("/v1/messages/batches", json={"requests": [item("x")]})).status_code == 503:
                         await trio.sleep(0.1)
                 assert r.status_code == 200
