@@ -121,56 +121,63 @@ class BatchAPI:
             self._pt = PassthroughBatches(self.app, batches.store)
         return self._pt
 
-    async def _begin(self, scope: dict[str, Any], receive: Any, relay: Relay, headers: dict[bytes, bytes], limit: int | None = None) -> tuple[Any, Identity, bytes]:
-        """(batches, who asks, body): the store to ask, the identity (a
-        passthrough batch forwards the client's own key when Weir holds none),
-        what they sent."""
-        ident, body = await self.app._identified_body(scope, receive, relay, headers, limit)
-        return self._batches(), ident, body
-
-    @staticmethod
-    def _id(scope: dict[str, Any]) -> str:
-        return scope["path"][len(ROOT) + 1 :].split("/", 1)[0]
-
-    async def _json(self, relay: Relay, body: bytes) -> None:
-        await relay.send_whole(200, [_JSON, (b"content-length", str(len(body)).encode())], body)
-
-    async def _find(self, batches: Any, tenant: str, batch_id: str) -> Batch:
-        batch = await batches.store.get(tenant, batch_id)
-        if batch is None:
-            raise _not_found(batch_id)
-        return batch
-
-    # ------------------------------------------------------------ handlers
-
-    async def create(self, scope: dict[str, Any], receive: Any, relay: Relay, headers: dict[bytes, bytes]) -> None:
-        """Validate every item (400 naming the first bad one), decide the mode,
-        store the batch with its items in one transaction, wake the runner."""
+    async def _serve(self, scope: dict[str, Any], receive: Any, relay: Relay, headers: dict[bytes, bytes], work: Any, limit: int | None = None) -> None:
+        """Every handler's frame: identify the caller, read the body, find the
+        store, run ``work`` (a handler's own logic), and answer what it raises
+        in Anthropic's shape (a store that cannot be reached is a 503). ``work``
+        returns the reply: JSON bytes (a 200), an async iterator of result
+        lines (the results file), or None when it has answered itself (a
+        passthrough batch). The reply is sent after the errors are handled: a
+        results stream that fails half way cannot become an error reply."""
         try:
-            settings = self.app.settings.batches
-            batches, ident, body = await self._begin(scope, receive, relay, headers, settings.max_bytes)
-            tenant = ident.tenant
-            # Off the event loop: checking every item is ~14 µs each here, so
-            # 100,000 items would hold every other request for over a second.
-            items = await trio.to_thread.run_sync(parse_create, body, settings)
-            base = public_base(scope, headers, settings)
-            route = await self._passthrough_route(items)
-            if route is not None:
-                await self._passthrough(batches).create(scope, receive, relay, ident, headers, body, route, base)
-                return
-            now = batches.now_us()
-            batch = Batch(
-                id=new_batch_id(), tenant=tenant, created_at=now, expires_at=now + int(settings.expiry_s * 1e6), counts=Counts(processing=len(items))
-            )
-            await batches.store.create(batch, items)
+            ident, body = await self.app._identified_body(scope, receive, relay, headers, limit)
+            reply = await work(_Ask(scope, receive, relay, headers, self._batches(), ident, body))
         except ProxyError as err:
             await relay.send_error(err)
             return
         except BatchUnavailable as exc:
             await relay.send_error(_unavailable(exc))
             return
+        if reply is None:
+            return
+        if isinstance(reply, bytes):
+            await relay.send_whole(200, [_JSON, (b"content-length", str(len(reply)).encode())], reply)
+            return
+        # Anthropic's content type for the results file; the SDK asks for it
+        # (Accept: application/binary) and decodes the lines itself.
+        await relay.send_stream(200, [(b"content-type", b"application/binary")], reply)
+
+    async def _find(self, ask: _Ask) -> Batch:
+        """The asker's batch named by the path; another tenant's is a 404 as an unknown one is."""
+        batch = await ask.batches.store.get(ask.ident.tenant, ask.batch_id)
+        if batch is None:
+            raise _not_found(ask.batch_id)
+        return batch
+
+    # ------------------------------------------------------------ handlers
+
+    async def create(self, scope: dict[str, Any], receive: Any, relay: Relay, headers: dict[bytes, bytes]) -> None:
+        await self._serve(scope, receive, relay, headers, self._create, self.app.settings.batches.max_bytes)
+
+    async def _create(self, ask: _Ask) -> bytes | None:
+        """Validate every item (400 naming the first bad one), decide the mode,
+        store the batch with its items in one transaction, wake the runner."""
+        batches, settings = ask.batches, self.app.settings.batches
+        # Off the event loop: checking every item is ~14 µs each here, so
+        # 100,000 items would hold every other request for over a second.
+        items = await trio.to_thread.run_sync(parse_create, ask.body, settings)
+        base = public_base(ask.scope, ask.headers, settings)
+        route = await self._passthrough_route(items)
+        if route is not None:
+            await self._passthrough(batches).create(ask.scope, ask.receive, ask.relay, ask.ident, ask.headers, ask.body, route, base)
+            return None
+        now = batches.now_us()
+        batch = Batch(
+            id=new_batch_id(), tenant=ask.ident.tenant, created_at=now, expires_at=now + int(settings.expiry_s * 1e6), counts=Counts(processing=len(items))
+        )
+        await batches.store.create(batch, items)
         batches.wake()
-        await self._json(relay, batch_json(batch, base))
+        return batch_json(batch, base)
 
     async def _passthrough_route(self, items: list[Any]) -> Any:
         """PASSTHROUGH's decision, asked only when some target could take a batch
@@ -182,116 +189,87 @@ class BatchAPI:
         return passthrough_route(app.router, models)
 
     async def list(self, scope: dict[str, Any], receive: Any, relay: Relay, headers: dict[bytes, bytes]) -> None:
+        await self._serve(scope, receive, relay, headers, self._list)
+
+    async def _list(self, ask: _Ask) -> bytes:
         """Newest first; ``after_id`` pages towards older batches, ``before_id`` towards newer."""
-        try:
-            batches, ident, _ = await self._begin(scope, receive, relay, headers)
-            tenant = ident.tenant
-            args = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
-            limit = _limit(args.get("limit"))
-            before, after = args.get("before_id") or None, args.get("after_id") or None
-            if before and after:
-                raise ProxyError(400, "give before_id or after_id, not both", "invalid_request_error")
-            page, has_more = await batches.store.list(tenant, before_id=before, after_id=after, limit=limit)
-            base = public_base(scope, headers, batches.settings)
-            if any(b.mode == "passthrough" for b in page):
-                # Still running at their upstream: as it says they are now.
-                page = await self._passthrough(batches).refresh(ident, page, headers)
-            data = [batch_json(b, base) for b in page]
-        except ProxyError as err:
-            await relay.send_error(err)
-            return
-        except BatchUnavailable as exc:
-            await relay.send_error(_unavailable(exc))
-            return
+        batches = ask.batches
+        args = dict(parse_qsl(ask.scope["query_string"].decode("latin-1"), keep_blank_values=True))
+        limit = _limit(args.get("limit"))
+        before, after = args.get("before_id") or None, args.get("after_id") or None
+        if before and after:
+            raise ProxyError(400, "give before_id or after_id, not both", "invalid_request_error")
+        page, has_more = await batches.store.list(ask.ident.tenant, before_id=before, after_id=after, limit=limit)
+        base = ask.base()
+        if any(b.mode == "passthrough" for b in page):
+            # Still running at their upstream: as it says they are now.
+            page = await self._passthrough(batches).refresh(ask.ident, page, ask.headers)
+        data = [batch_json(b, base) for b in page]
         first = msgspec.json.encode(page[0].id if page else None)
         last = msgspec.json.encode(page[-1].id if page else None)
-        doc = b'{"data":[' + b",".join(data) + b'],"has_more":' + (b"true" if has_more else b"false") + b',"first_id":' + first + b',"last_id":' + last + b"}"
-        await self._json(relay, doc)
+        return b'{"data":[' + b",".join(data) + b'],"has_more":' + (b"true" if has_more else b"false") + b',"first_id":' + first + b',"last_id":' + last + b"}"
 
     async def retrieve(self, scope: dict[str, Any], receive: Any, relay: Relay, headers: dict[bytes, bytes]) -> None:
-        try:
-            batches, ident, _ = await self._begin(scope, receive, relay, headers)
-            batch = await self._find(batches, ident.tenant, self._id(scope))
-            base = public_base(scope, headers, batches.settings)
-            if batch.mode == "passthrough":
-                await self._passthrough(batches).retrieve(scope, receive, relay, ident, batch, headers, base)
-                return
-        except ProxyError as err:
-            await relay.send_error(err)
-            return
-        except BatchUnavailable as exc:
-            await relay.send_error(_unavailable(exc))
-            return
-        await self._json(relay, batch_json(batch, base))
+        await self._serve(scope, receive, relay, headers, self._retrieve)
+
+    async def _retrieve(self, ask: _Ask) -> bytes | None:
+        batch = await self._find(ask)
+        base = ask.base()
+        if batch.mode == "passthrough":
+            await self._passthrough(ask.batches).retrieve(ask.scope, ask.receive, ask.relay, ask.ident, batch, ask.headers, base)
+            return None
+        return batch_json(batch, base)
 
     async def cancel(self, scope: dict[str, Any], receive: Any, relay: Relay, headers: dict[bytes, bytes]) -> None:
+        await self._serve(scope, receive, relay, headers, self._cancel_batch)
+
+    async def _cancel_batch(self, ask: _Ask) -> bytes | None:
         """``in_progress`` → ``canceling``: items not yet running are canceled at
         once, those in flight finish (as Anthropic's do); the sweep that follows
         ends the batch once nothing runs."""
-        try:
-            batches, ident, _ = await self._begin(scope, receive, relay, headers)
-            tenant = ident.tenant
-            batch_id = self._id(scope)
-            base = public_base(scope, headers, batches.settings)
-            found = await self._find(batches, tenant, batch_id)
-            if found.mode == "passthrough":
-                await self._passthrough(batches).cancel(scope, receive, relay, ident, found, headers, base)
-                return
-            batch = await batches.store.cancel(tenant, batch_id, batches.now_us())
-            if batch is None:
-                raise _not_found(batch_id)
-        except ProxyError as err:
-            await relay.send_error(err)
-            return
-        except BatchUnavailable as exc:
-            await relay.send_error(_unavailable(exc))
-            return
+        batches = ask.batches
+        base = ask.base()
+        found = await self._find(ask)
+        if found.mode == "passthrough":
+            await self._passthrough(batches).cancel(ask.scope, ask.receive, ask.relay, ask.ident, found, ask.headers, base)
+            return None
+        batch = await batches.store.cancel(ask.ident.tenant, ask.batch_id, batches.now_us())
+        if batch is None:
+            raise _not_found(ask.batch_id)
         batches.runner.sweep_soon()
-        await self._json(relay, batch_json(batch, base))
+        return batch_json(batch, base)
 
     async def delete(self, scope: dict[str, Any], receive: Any, relay: Relay, headers: dict[bytes, bytes]) -> None:
+        await self._serve(scope, receive, relay, headers, self._delete)
+
+    async def _delete(self, ask: _Ask) -> bytes | None:
         """Only an ended batch can be deleted (Anthropic: cancel it first)."""
-        try:
-            batches, ident, _ = await self._begin(scope, receive, relay, headers)
-            tenant = ident.tenant
-            batch_id = self._id(scope)
-            found = await self._find(batches, tenant, batch_id)
-            if found.mode == "passthrough":
-                await self._passthrough(batches).delete(scope, receive, relay, ident, found, headers)
-                return
-            done = await batches.store.delete(tenant, batch_id)
-            if done == "not_found":
-                raise _not_found(batch_id)
-            if done == "not_ended":
-                raise ProxyError(400, f"message batch {batch_id!r} is still processing: cancel it, and delete it once it has ended", "invalid_request_error")
-        except ProxyError as err:
-            await relay.send_error(err)
-            return
-        except BatchUnavailable as exc:
-            await relay.send_error(_unavailable(exc))
-            return
-        await self._json(relay, deleted_json(batch_id))
+        batch_id = ask.batch_id
+        found = await self._find(ask)
+        if found.mode == "passthrough":
+            await self._passthrough(ask.batches).delete(ask.scope, ask.receive, ask.relay, ask.ident, found, ask.headers)
+            return None
+        done = await ask.batches.store.delete(ask.ident.tenant, batch_id)
+        if done == "not_found":
+            raise _not_found(batch_id)
+        if done == "not_ended":
+            raise ProxyError(400, f"message batch {batch_id!r} is still processing: cancel it, and delete it once it has ended", "invalid_request_error")
+        return deleted_json(batch_id)
 
     async def results(self, scope: dict[str, Any], receive: Any, relay: Relay, headers: dict[bytes, bytes]) -> None:
+        await self._serve(scope, receive, relay, headers, self._results_file)
+
+    async def _results_file(self, ask: _Ask) -> Any:
         """The results JSONL, one line per item in request order, streamed from
         the store a page at a time (a 100,000-item batch is never held whole)."""
-        try:
-            batches, ident, _ = await self._begin(scope, receive, relay, headers)
-            tenant = ident.tenant
-            batch_id = self._id(scope)
-            batch = await self._find(batches, tenant, batch_id)
-            if batch.mode == "passthrough":
-                await self._passthrough(batches).results(scope, receive, relay, ident, batch, headers)
-                return
-            if batch.processing_status != "ended":
-                raise ProxyError(400, f"message batch {batch_id!r} has not ended: its results are ready once processing_status is \"ended\"", "invalid_request_error")
-            first = await batches.store.results(tenant, batch_id, -1, _RESULTS_PAGE)
-        except ProxyError as err:
-            await relay.send_error(err)
-            return
-        except BatchUnavailable as exc:
-            await relay.send_error(_unavailable(exc))
-            return
+        store, tenant, batch_id = ask.batches.store, ask.ident.tenant, ask.batch_id
+        batch = await self._find(ask)
+        if batch.mode == "passthrough":
+            await self._passthrough(ask.batches).results(ask.scope, ask.receive, ask.relay, ask.ident, batch, ask.headers)
+            return None
+        if batch.processing_status != "ended":
+            raise ProxyError(400, f"message batch {batch_id!r} has not ended: its results are ready once processing_status is \"ended\"", "invalid_request_error")
+        first = await store.results(tenant, batch_id, -1, _RESULTS_PAGE)
 
         async def pages() -> Any:
             page = first
@@ -299,11 +277,28 @@ class BatchAPI:
                 yield b"".join(line for _, line in page)
                 if len(page) < _RESULTS_PAGE:
                     return
-                page = await batches.store.results(tenant, batch_id, page[-1][0], _RESULTS_PAGE)
+                page = await store.results(tenant, batch_id, page[-1][0], _RESULTS_PAGE)
 
-        # Anthropic's content type for the results file; the SDK asks for it
-        # (Accept: application/binary) and decodes the lines itself.
-        await relay.send_stream(200, [(b"content-type", b"application/binary")], pages())
+        return pages()
+
+
+class _Ask:
+    """One identified request to the batch API: what every handler starts from."""
+
+    __slots__ = ("scope", "receive", "relay", "headers", "batches", "ident", "body")
+
+    def __init__(self, scope: dict[str, Any], receive: Any, relay: Relay, headers: dict[bytes, bytes], batches: Any, ident: Identity, body: bytes) -> None:
+        self.scope, self.receive, self.relay, self.headers = scope, receive, relay, headers
+        self.batches, self.ident, self.body = batches, ident, body
+
+    @property
+    def batch_id(self) -> str:
+        """The batch the path names (``/v1/messages/batches/{id}[/…]``)."""
+        return self.scope["path"][len(ROOT) + 1 :].split("/", 1)[0]
+
+    def base(self) -> str:
+        """Weir's origin for this request's ``results_url``."""
+        return public_base(self.scope, self.headers, self.batches.settings)
 
 
 def _limit(raw: str | None) -> int:
