@@ -24,6 +24,8 @@ PURE_MODULES = [
     "proxy.translate",
     "proxy.kinds",
     "proxy.local_answers",
+    # The SQLite connections the ledger's and the batches' stores share.
+    "proxy.sqlite_conns",
     # The ledger but its trio shell (proxy/ledger/writer.py, service.py).
     "proxy.ledger.row",
     "proxy.ledger.capture",

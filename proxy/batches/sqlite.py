@@ -14,20 +14,19 @@ or running are found through partial indexes (``WHERE state = 'pending'``,
 takes. An ended item's ``params`` are dropped — only its result is read again.
 
 Connections: a small idle pool, one taken per call by whichever thread runs
-it (proxy/ledger/sqlite.py, cache/sqlite.py: trio's thread cache does not
-pin work to a thread).
+it (proxy/sqlite_conns.py, shared with the ledger's store).
 """
 
 from __future__ import annotations
 
 import secrets
 import sqlite3
-import threading
 from typing import Any, Literal, Sequence
 
 import msgspec
 
 from ..ledger.store import DAY_US
+from ..sqlite_conns import SQLitePool
 from .model import Batch, Counts, Status, result_line
 from .store import CHUNK, BatchUnavailable, Claim, DeleteResult, allot
 
@@ -91,68 +90,18 @@ class SQLiteBatchStore:
 
     def __init__(self, path: str, *, busy_timeout_ms: int = 10_000) -> None:
         self.path = path
-        self._busy_ms = busy_timeout_ms
-        self._idle: list[sqlite3.Connection] = []
-        self._all: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-
-    # -- plumbing --------------------------------------------------------------
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=self._busy_ms / 1000)
-        conn.execute("PRAGMA journal_mode = WAL")
-        # NORMAL under WAL: a power cut may lose the last commits, never
-        # corrupt the file. A lost finish is an item run again; a lost create
-        # was never acknowledged to the client.
-        conn.execute("PRAGMA synchronous = NORMAL")
-        with self._lock:
-            self._all.append(conn)
-        return conn
-
-    def _conn(self) -> sqlite3.Connection:
-        # pop-or-connect in one step: a check and then a pop races with other
-        # threads taking the last idle connection (IndexError).
-        try:
-            return self._idle.pop()
-        except IndexError:
-            return self._connect()
+        self._pool = SQLitePool(path, busy_timeout_ms, BatchUnavailable)
 
     def _call(self, fn: Any, *args: Any, write: bool = True) -> Any:
         """``fn(conn, *args)`` on a pooled connection; inside one ``BEGIN IMMEDIATE`` transaction when ``write``."""
-        try:
-            conn = self._conn()
-        except sqlite3.Error as exc:
-            raise BatchUnavailable(f"sqlite {self.path}: {exc}") from exc
-        try:
-            if not write:
-                return fn(conn, *args)
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                out = fn(conn, *args)
-                conn.execute("COMMIT")
-                return out
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise BatchUnavailable(f"sqlite {self.path}: {exc}") from exc
-        finally:
-            self._idle.append(conn)
+        return self._pool.call(fn, *args, immediate=write)
 
     # -- schema ----------------------------------------------------------------
 
     def migrate(self) -> int:
-        try:
-            conn = self._conn()
-        except sqlite3.Error as exc:
-            raise BatchUnavailable(f"sqlite {self.path}: {exc}") from exc
-        try:
-            # As the ledger does, before any table exists: whichever of the two
-            # creates the file, retention can hand pages back.
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        finally:
-            self._idle.append(conn)
+        # As the ledger does, before any table exists: whichever of the two
+        # creates the file, retention can hand pages back.
+        self._call(lambda conn: conn.execute("PRAGMA auto_vacuum = INCREMENTAL"), write=False)
         return self._call(self._migrate)
 
     def _migrate(self, conn: sqlite3.Connection) -> int:
@@ -399,10 +348,8 @@ class SQLiteBatchStore:
         return len(gone)
 
     def close(self) -> None:
-        with self._lock:
-            conns, self._all, self._idle = self._all, [], []
-        for c in conns:
-            c.close()
+        """Idle connections now, one still running a call as it returns (see SQLitePool.close)."""
+        self._pool.close()
 
 
 def _get(conn: sqlite3.Connection, tenant: str, batch_id: str) -> Batch | None:

@@ -6,8 +6,7 @@ the write lock a few times a second, not per request. ``busy_timeout`` is
 generous because nothing waits on it but the writer, off the hot path.
 
 Connections: a small idle pool, one taken per call by whichever thread runs
-it — the same pattern as the cache's SQLite L2 (cache/sqlite.py), for the
-same reason (trio's thread cache does not pin work to a thread).
+it (proxy/sqlite_conns.py, shared with the batch store).
 
 Size stays bounded: retention deletes in chunks of a few thousand rows, each
 its own short transaction so other workers' batches interleave, then returns
@@ -19,9 +18,9 @@ of exactly this.
 from __future__ import annotations
 
 import sqlite3
-import threading
 from typing import Any
 
+from ..sqlite_conns import SQLitePool
 from .row import COLUMNS, V1_COLUMNS, LedgerRow
 from .store import DAY_US, GROUPS, MAX_REQUEST_US, COUNTERS, LedgerUnavailable, Query, dlq_id, rollup, usage_out
 
@@ -102,48 +101,10 @@ class SQLiteStore:
 
     def __init__(self, path: str, *, busy_timeout_ms: int = 10_000) -> None:
         self.path = path
-        self._busy_ms = busy_timeout_ms
-        self._idle: list[sqlite3.Connection] = []
-        self._all: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        self._closed = False
-
-    # -- plumbing --------------------------------------------------------------
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=self._busy_ms / 1000)
-        conn.execute("PRAGMA journal_mode = WAL")
-        # NORMAL under WAL: a power cut may lose the last commits, never corrupt
-        # the file; the writer's kill -9 bound is the flush interval anyway.
-        conn.execute("PRAGMA synchronous = NORMAL")
-        with self._lock:
-            self._all.append(conn)
-        return conn
-
-    def _conn(self) -> sqlite3.Connection:
-        try:
-            return self._idle.pop()
-        except IndexError:
-            return self._connect()
+        self._pool = SQLitePool(path, busy_timeout_ms, LedgerUnavailable)
 
     def _call(self, fn: Any, *args: Any) -> Any:
-        try:
-            conn = self._conn()
-        except sqlite3.Error as exc:
-            raise LedgerUnavailable(f"sqlite {self.path}: {exc}") from exc
-        try:
-            return fn(conn, *args)
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise LedgerUnavailable(f"sqlite {self.path}: {exc}") from exc
-        finally:
-            with self._lock:
-                closed = self._closed
-                if not closed:
-                    self._idle.append(conn)
-            if closed:
-                conn.close()  # the store was closed while this call ran (see close)
+        return self._pool.call(fn, *args)
 
     # -- schema ------------------------------------------------------------------
 
@@ -302,16 +263,8 @@ class SQLiteStore:
         return {"backend": "sqlite", "path": self.path, "bytes": (pages - free) * page, "file_bytes": pages * page, "rows": rows, "dlq_entries": dlq}
 
     def close(self) -> None:
-        """Close the idle connections; one still running a call — a write the
-        writer abandoned at its timeout or at shutdown, a read the admin API
-        gave up on — is closed by its own thread as that call returns.
-        Closing it from here, under the running statement, crashed the test
-        process (SIGSEGV in ``_write``, seen with batches sharing the file)."""
-        with self._lock:
-            self._closed = True
-            idle, self._all, self._idle = self._idle, [], []
-        for c in idle:
-            c.close()
+        """Idle connections now, one still running a call as it returns (see SQLitePool.close)."""
+        self._pool.close()
 
 
 def _values(r: LedgerRow) -> tuple:
