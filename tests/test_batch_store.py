@@ -314,23 +314,3 @@ def test_sqlite_pool_survives_losing_the_last_idle_connection_to_another_thread(
     s._pool._idle = Raced()
     assert s.get("t1", "msgbatch_x") is None
     s.close()
-
-
-def test_sqlite_close_leaves_a_connection_in_use_to_its_call(tmp_path) -> None:
-    """The ledger's rule, now the batch store's too (they share proxy/sqlite_conns.py):
-    a call still running at close keeps its connection until it returns, then
-    closes it, instead of having it closed under a running statement."""
-    import sqlite3
-
-    s = open_store("", str(tmp_path))
-    s.migrate()
-    used = []
-
-    def during(conn):
-        s.close()  # as the service's shutdown does, from another thread
-        used.append(conn)
-        return conn.execute("SELECT count(*) FROM batches").fetchone()[0]
-
-    assert s._call(during, write=False) == 0
-    with pytest.raises(sqlite3.ProgrammingError):  # closed by the call itself, once it returned
-        used[0].execute("SELECT 1")

@@ -24,8 +24,10 @@ PURE_MODULES = [
     "proxy.translate",
     "proxy.kinds",
     "proxy.local_answers",
-    # The SQLite connections the ledger's and the batches' stores share.
+    # What the ledger's and the batches' stores share: connections, migrations.
     "proxy.sqlite_conns",
+    "proxy.pg_conns",
+    "proxy.migrations",
     # The ledger but its trio shell (proxy/ledger/writer.py, service.py).
     "proxy.ledger.row",
     "proxy.ledger.capture",

@@ -195,23 +195,3 @@ def test_postgres_rows_live_in_daily_partitions(database_url, pg_schema, tmp_pat
     assert len(dropped["ledger_requests"]) == 1  # the old day's partition, dropped whole
     s.close()
     assert urlsplit(database_url).scheme.startswith("postgres")
-
-
-def test_sqlite_close_leaves_a_connection_in_use_to_its_call(tmp_path):
-    """A call still running when the store closes (a write the writer abandoned
-    at shutdown) keeps its connection until it returns, then closes it: closed
-    from another thread under a running statement, SQLite crashed the process."""
-    import sqlite3
-
-    s = open_store("", str(tmp_path))
-    s.migrate()
-    used = []
-
-    def during(conn):
-        s.close()  # as the service's shutdown does, from another thread
-        used.append(conn)
-        return conn.execute("SELECT count(*) FROM ledger_requests").fetchone()[0]
-
-    assert s._call(during) == 0
-    with pytest.raises(sqlite3.ProgrammingError):  # closed by the call itself, once it returned
-        used[0].execute("SELECT 1")

@@ -1,8 +1,8 @@
 """Batches on PostgreSQL: many workers on many hosts share every batch.
 
-psycopg's sync ``ConnectionPool`` behind ``trio.to_thread`` (as
-proxy/ledger/postgres.py; psycopg's async API needs asyncio), in the
-ledger's database and schema, with its own tables and migration version.
+psycopg's sync pool behind ``trio.to_thread`` (proxy/pg_conns.py, shared
+with the ledger's store), in the ledger's database and schema, with its own
+tables and migration version.
 
 - **Claims** take items with ``FOR UPDATE SKIP LOCKED``: concurrent
   claimers skip each other's rows instead of queueing on them, and a row
@@ -29,9 +29,10 @@ from typing import Any, Literal, Sequence
 import msgspec
 import psycopg
 from psycopg import sql
-from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..ledger.store import DAY_US
+from ..migrations import apply_migrations
+from ..pg_conns import PGPool
 from .model import Batch, Counts, Status, result_line
 from .sqlite import BATCH_COLS, batch_from_row, batch_values
 from .store import CHUNK, BatchUnavailable, Claim, DeleteResult, allot
@@ -89,43 +90,14 @@ class PostgresBatchStore:
     def __init__(self, url: str, *, schema: str = "public", max_connections: int = 4, connect_timeout_s: float = 3.0) -> None:
         self.url = url
         self.schema = schema
-        self._timeout = connect_timeout_s
-        self._pool = ConnectionPool(
-            url,
-            min_size=1,
-            max_size=max_connections,
-            open=False,
-            check=ConnectionPool.check_connection,
-            # The ledger's connection settings, for the ledger's reasons
-            # (proxy/ledger/postgres.py): fail fast on a vanished database.
-            kwargs={
-                "autocommit": True,
-                "connect_timeout": max(1, int(connect_timeout_s)),
-                "options": f"-c search_path={schema}",
-                "tcp_user_timeout": 10_000,
-                "keepalives_idle": 10,
-                "application_name": "weir-batches",
-            },
-            timeout=connect_timeout_s,
-            name="weir-batches",
+        self._pool = PGPool(
+            url, schema=schema, max_connections=max_connections, connect_timeout_s=connect_timeout_s, name="weir-batches", unavailable=BatchUnavailable
         )
-        self._opened = False
-
-    # -- plumbing --------------------------------------------------------------
 
     def _call(self, fn: Any, *args: Any, tx: bool = True) -> Any:
         """``fn(conn, *args)`` on a pooled connection, in one transaction when ``tx``."""
-        if not self._opened:
-            self._pool.open(wait=False)
-            self._opened = True
-        try:
-            with self._pool.connection(timeout=self._timeout) as conn:
-                if not tx:
-                    return fn(conn, *args)
-                with conn.transaction():
-                    return fn(conn, *args)
-        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
-            raise BatchUnavailable(f"postgresql: {exc}") from exc
+        self._pool.open()
+        return self._pool.call(fn, *args, tx=tx)
 
     # -- schema ----------------------------------------------------------------
 
@@ -135,16 +107,7 @@ class PostgresBatchStore:
     def _migrate(self, conn: psycopg.Connection) -> int:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
-        conn.execute("CREATE TABLE IF NOT EXISTS batch_schema (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
-        have = conn.execute("SELECT coalesce(max(version), 0) FROM batch_schema").fetchone()[0]
-        for version, script in MIGRATIONS:
-            if version > have:
-                for stmt in script.split(";"):
-                    if stmt.strip():
-                        conn.execute(stmt)
-                conn.execute("INSERT INTO batch_schema (version) VALUES (%s)", (version,))
-                have = version
-        return have
+        return apply_migrations(conn, "postgresql", "batch_schema", MIGRATIONS)
 
     # -- batches ---------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from typing import Any, Literal, Sequence
 import msgspec
 
 from ..ledger.store import DAY_US
+from ..migrations import apply_migrations
 from ..sqlite_conns import SQLitePool
 from .model import Batch, Counts, Status, result_line
 from .store import CHUNK, BatchUnavailable, Claim, DeleteResult, allot
@@ -105,16 +106,7 @@ class SQLiteBatchStore:
         return self._call(self._migrate)
 
     def _migrate(self, conn: sqlite3.Connection) -> int:
-        conn.execute("CREATE TABLE IF NOT EXISTS batch_schema (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
-        have = conn.execute("SELECT coalesce(max(version), 0) FROM batch_schema").fetchone()[0]
-        for version, script in MIGRATIONS:
-            if version > have:
-                for stmt in script.split(";"):
-                    if stmt.strip():
-                        conn.execute(stmt)
-                conn.execute("INSERT INTO batch_schema VALUES (?, strftime('%s','now'))", (version,))
-                have = version
-        return have
+        return apply_migrations(conn, "sqlite", "batch_schema", MIGRATIONS)
 
     # -- batches ---------------------------------------------------------------
 

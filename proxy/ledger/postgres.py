@@ -1,8 +1,8 @@
 """The ledger on PostgreSQL: many workers on many hosts, one database.
 
-psycopg 3's async API needs asyncio, so this is its sync
-``psycopg_pool.ConnectionPool`` called from trio through ``trio.to_thread``
-(the writer's shell). A batch is one transaction:
+psycopg 3's sync pool called from trio through ``trio.to_thread`` (the
+writer's shell; proxy/pg_conns.py, shared with the batch store). A batch is
+one transaction:
 
 1. ``COPY`` the batch straight into the partitioned table — COPY is the
    fastest way into PostgreSQL and needs no per-row round trip — and add it
@@ -35,8 +35,9 @@ from typing import Any
 import msgspec
 import psycopg
 from psycopg import sql
-from psycopg_pool import ConnectionPool, PoolTimeout
 
+from ..migrations import apply_migrations
+from ..pg_conns import PGPool
 from .row import COLUMNS, V1_COLUMNS, LedgerRow
 from .store import COUNTERS, DAY_US, GROUPS, HOUR_US, MAX_REQUEST_US, LedgerUnavailable, Query, dlq_id, rollup, usage_out
 
@@ -142,41 +143,15 @@ class PostgresStore:
         self.url = url
         self.schema = schema
         self._partitions: set[tuple[str, int]] = set()
-        self._pool = ConnectionPool(
-            url,
-            min_size=1,
-            max_size=max_connections,
-            open=False,
-            # A connection that died while the database was away is noticed
-            # when taken, not mid-batch.
-            check=ConnectionPool.check_connection,
-            kwargs={
-                "autocommit": True,
-                "connect_timeout": max(1, int(connect_timeout_s)),
-                "options": f"-c search_path={schema}",
-                # A database that vanishes without a reset (a cut cable, a
-                # black-holed route) fails the socket after this, instead of
-                # after the kernel's ~15 minutes of retransmissions.
-                "tcp_user_timeout": 10_000,
-                "keepalives_idle": 10,
-                "application_name": "weir-ledger",
-            },
-            timeout=connect_timeout_s,
-            name="weir-ledger",
+        self._pool = PGPool(
+            url, schema=schema, max_connections=max_connections, connect_timeout_s=connect_timeout_s, name="weir-ledger", unavailable=LedgerUnavailable
         )
-        self._connect_timeout = connect_timeout_s
-
-    # -- plumbing --------------------------------------------------------------
 
     def _call(self, fn: Any, *args: Any) -> Any:
-        try:
-            with self._pool.connection(timeout=self._connect_timeout) as conn:
-                return fn(conn, *args)
-        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
-            raise LedgerUnavailable(f"postgresql: {exc}") from exc
+        return self._pool.call(fn, *args)
 
     def open(self) -> None:
-        self._pool.open(wait=False)
+        self._pool.open()
 
     # -- schema ------------------------------------------------------------------
 
@@ -188,15 +163,7 @@ class PostgresStore:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
-            conn.execute("CREATE TABLE IF NOT EXISTS ledger_schema (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
-            have = conn.execute("SELECT coalesce(max(version), 0) FROM ledger_schema").fetchone()[0]
-            for version, script in MIGRATIONS:
-                if version > have:
-                    for stmt in script.split(";"):
-                        if stmt.strip():
-                            conn.execute(stmt)
-                    conn.execute("INSERT INTO ledger_schema (version) VALUES (%s)", (version,))
-                    have = version
+            have = apply_migrations(conn, "postgresql", "ledger_schema", MIGRATIONS)
         now = int(time.time() * 1e6)
         self._ensure_partitions(conn, {now // DAY_US, now // DAY_US + 1})
         return have

@@ -20,6 +20,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+from ..migrations import apply_migrations
 from ..sqlite_conns import SQLitePool
 from .row import COLUMNS, V1_COLUMNS, LedgerRow
 from .store import DAY_US, GROUPS, MAX_REQUEST_US, COUNTERS, LedgerUnavailable, Query, dlq_id, rollup, usage_out
@@ -116,15 +117,7 @@ class SQLiteStore:
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("BEGIN IMMEDIATE")  # one worker migrates; the rest wait, then find it done
         try:
-            conn.execute("CREATE TABLE IF NOT EXISTS ledger_schema (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
-            have = conn.execute("SELECT coalesce(max(version), 0) FROM ledger_schema").fetchone()[0]
-            for version, script in MIGRATIONS:
-                if version > have:
-                    for stmt in script.split(";"):
-                        if stmt.strip():
-                            conn.execute(stmt)
-                    conn.execute("INSERT INTO ledger_schema VALUES (?, strftime('%s','now'))", (version,))
-                    have = version
+            have = apply_migrations(conn, "sqlite", "ledger_schema", MIGRATIONS)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
