@@ -267,13 +267,22 @@ class GuardedTCPServer(TCPServer):
                 # h11's end of a content-length body, or a head held back
                 # for its body (``_LastRequestH11.send``): nothing to write.
                 return
-            async with self.send_lock:
+            lock = self.send_lock
+            try:
+                # Uncontended (nearly always): taken without the yield to
+                # trio's scheduler that ``async with lock`` makes even then.
+                lock.acquire_nowait()
+            except trio.WouldBlock:
+                await lock.acquire()
+            try:
                 try:
                     with trio.CancelScope(shield=True):
                         await self.stream.send_all(event.data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
                     # Busy: another task is in send_eof(), closing this connection.
                     await self.protocol.handle(Closed())
+            finally:
+                lock.release()
         else:
             await super().protocol_send(event)
 
