@@ -764,6 +764,7 @@ class Weir:
             cache_bytes=sizes,
             ledger_queue=self.ledger.writer.buffered if self.ledger is not None else None,
             ledger_spooled=self.ledger.writer.spool_pending if self.ledger is not None else None,
+            batch_running=self.batches.runner.in_flight if self.batches is not None else None,
         )
 
     async def shutdown(self) -> None:

@@ -143,6 +143,11 @@ class Metrics:
         self.cache_bytes = Gauge("weir_cache_bytes", "Bytes held by the cache, per level.", ["level"], registry=r, multiprocess_mode="livemax")
         self.ledger_queue = Gauge("weir_ledger_queue_depth", "Ledger rows waiting to be written.", registry=r, multiprocess_mode="livesum")
         self.ledger_spooled = Gauge("weir_ledger_spooled_rows", "Ledger rows spooled to disk while the database was unreachable.", registry=r, multiprocess_mode="livesum")
+        # Message Batch items (proxy/batches/runner.py): results are two values,
+        # retry reasons the runner's fixed set of "not now" replies.
+        self.batch_items = Counter("weir_batch_items", "Message Batch items whose result was written, by result.", ["result"], registry=r)
+        self.batch_retries = Counter("weir_batch_retries", "Message Batch items released to run again later, by the reply that said not now.", ["reason"], registry=r)
+        self.batch_running = Gauge("weir_batch_items_running", "Message Batch items running.", registry=r, multiprocess_mode="livesum")
         # Pending children, by their (raw) label values; all of them are flushed.
         self._counters: list[_Counter] = []
         self._histograms: list[_Histogram] = []
@@ -155,6 +160,7 @@ class Metrics:
         self._shed: dict[tuple[str, str], _Counter] = {}
         self._rl: dict[tuple[str, str], _Counter] = {}
         self._qw: dict[tuple[str, str], _Histogram] = {}
+        self._batch: dict[tuple[Counter, str], _Counter] = {}
         self._overhead = self._histogram(lambda: self.overhead, OVERHEAD_BUCKETS)
         self._codes = {c: str(c) for c in range(100, 600)}
         self._routes = {r: r for r in _ROUTES}
@@ -286,6 +292,21 @@ class Metrics:
             h = self._qw[key] = self._histogram(_child(self.queue_wait, self.target(target), priority), QUEUE_BUCKETS)
         h.observe(seconds)
 
+    def batch_item(self, result: str) -> None:
+        """A batch item's result written: ``succeeded`` or ``errored``."""
+        self._batch_count(self.batch_items, result)
+
+    def batch_retry(self, reason: str) -> None:
+        """A batch item told "not now": the status (``429``, ``529``…) or ``no_reply``."""
+        self._batch_count(self.batch_retries, reason)
+
+    def _batch_count(self, metric: Counter, label: str) -> None:
+        key = (metric, label)
+        c = self._batch.get(key)
+        if c is None:
+            c = self._batch[key] = self._counter(_child(metric, label))
+        c.n += 1
+
     def flush(self) -> None:
         """Move what the hot path added into prometheus-client's values (its files, in multiprocess mode).
 
@@ -324,6 +345,7 @@ class Metrics:
         cache_bytes: Iterable[tuple[str, int]] = (),
         ledger_queue: int | None = None,
         ledger_spooled: int | None = None,
+        batch_running: int | None = None,
     ) -> None:
         """Copy the components' state in: (target, state), (target, key id, available), (level, bytes)."""
         self.inflight.set(inflight)
@@ -337,6 +359,8 @@ class Metrics:
             self.ledger_queue.set(ledger_queue)
         if ledger_spooled is not None:
             self.ledger_spooled.set(ledger_spooled)
+        if batch_running is not None:
+            self.batch_running.set(batch_running)
 
     # -------------------------------------------------------------- scrape
 

@@ -42,6 +42,7 @@ def test_a_message_is_the_result_and_errors_are_results_too() -> None:
 def test_not_now_is_not_a_result(status: int) -> None:
     verdict = judge(status, [], error_body("overloaded_error", "busy"), 3)
     assert isinstance(verdict, Retry) and verdict.delay_s == backoff(3)
+    assert verdict.reason == (str(status) if status else "no_reply")  # a metric label: a fixed set
 
 
 def test_backoff_doubles_to_a_cap_and_never_undercuts_retry_after() -> None:
@@ -49,8 +50,8 @@ def test_backoff_doubles_to_a_cap_and_never_undercuts_retry_after() -> None:
     assert backoff(40) == BACKOFF_CAP_S
     assert backoff(1, retry_after=20.0) == 20.0 and backoff(5, retry_after=2.0) == 16.0
     assert backoff(1, retry_after=1e9) == BACKOFF_CAP_S
-    assert judge(429, [(b"retry-after", b"12")], b"", 1) == Retry(12.0, "HTTP 429")
-    assert judge(429, [(b"retry-after", b"Wed, 21 Oct 2026 07:28:00 GMT")], b"", 1) == Retry(1.0, "HTTP 429")
+    assert judge(429, [(b"retry-after", b"12")], b"", 1) == Retry(12.0, "429")
+    assert judge(429, [(b"retry-after", b"Wed, 21 Oct 2026 07:28:00 GMT")], b"", 1) == Retry(1.0, "429")
 
 
 # ---------------------------------------------------------------- the shell

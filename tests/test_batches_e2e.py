@@ -248,3 +248,26 @@ async def test_a_small_batch_is_not_stuck_behind_another_tenants_big_one(tmp_pat
             done_a = sum(1 for r in mock.requests if b'"a ' in r.body)
             assert done_a <= 15, done_a  # two slots shared by two tenants: a handful of a's, not all 60 first
             assert (await ended(a, big.id)).request_counts.succeeded == 60
+
+
+async def test_batch_items_show_in_prometheus_metrics(tmp_path):
+    """/metrics counts this worker's batch items by result and by retry
+    reason: every distinct request is answered 429 once, so each item is
+    released once (its first backoff is 1 s) before its result."""
+    tools = [{"name": "get_weather", "description": "weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    bad = item("bad", tools=tools, tool_choice={"type": "tool", "name": "nope"})  # the mock's chat endpoint answers 400
+    async with running_mock(fault="status=429,fail_first=1") as (mock, url):
+        async with running_weir(make_settings(None, **sections(tmp_path, url))) as weir:
+            a = anthropic.AsyncAnthropic(base_url=weir.url, api_key="k-a", max_retries=0)
+            batch = await a.messages.batches.create(requests=[item("good"), bad])
+            counts = (await ended(a, batch.id)).request_counts
+            assert (counts.succeeded, counts.errored) == (1, 1)
+            async with httpx.AsyncClient(base_url=weir.url) as c:
+                text = (await c.get("/metrics", headers=ADMIN)).text
+    found = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("weir_batch_") and "_created" not in line}
+    assert found == {
+        'weir_batch_items_total{result="succeeded"}': 1.0,
+        'weir_batch_items_total{result="errored"}': 1.0,
+        'weir_batch_retries_total{reason="429"}': 2.0,
+        "weir_batch_items_running": 0.0,
+    }, found

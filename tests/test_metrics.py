@@ -249,7 +249,9 @@ def test_the_grafana_dashboard_queries_metrics_that_exist() -> None:
     m.shed_one("t", "queue_full")
     m.ratelimit_rejection("x", "requests")
     m.waited("t", "interactive", 0.1)
-    m.set_gauges(inflight=0, breakers=[("t", "closed")], keys=[("t", "k", True)], cache_bytes=[("l1", 1)], ledger_queue=0, ledger_spooled=0)
+    m.batch_item("succeeded")
+    m.batch_retry("429")
+    m.set_gauges(inflight=0, breakers=[("t", "closed")], keys=[("t", "k", True)], cache_bytes=[("l1", 1)], ledger_queue=0, ledger_spooled=0, batch_running=0)
     exposed = {name for name, _ in samples(scrape(m))}
     assert used and used <= exposed, used - exposed
 

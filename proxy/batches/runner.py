@@ -54,7 +54,10 @@ class Finish(msgspec.Struct, frozen=True):
 
 
 class Retry(msgspec.Struct, frozen=True):
-    """Not the item's fault and not its answer: run it again after ``delay_s``."""
+    """Not the item's fault and not its answer: run it again after ``delay_s``.
+
+    ``reason`` is the reply's status (one of ``_NOT_NOW``) or ``no_reply``: a
+    fixed set, so it can be a metric's label."""
 
     delay_s: float
     reason: str
@@ -112,7 +115,7 @@ def judge(status: int, headers: list[tuple[bytes, bytes]], body: bytes, attempt:
             return Finish("succeeded", body)
         return Finish("errored", error_body("api_error", "the upstream's reply was not a message"))
     if status == 0 or status in _NOT_NOW:
-        return Retry(backoff(attempt, _retry_after(headers)), f"HTTP {status}" if status else "no reply")
+        return Retry(backoff(attempt, _retry_after(headers)), str(status) if status else "no_reply")
     if is_anthropic_error(body):
         return Finish("errored", body)
     return Finish("errored", error_body(type_for_status(status), f"HTTP {status}"))
@@ -141,6 +144,9 @@ class BatchRunner:
     ``store`` is the async store (``proxy.batches.service.AsyncBatchStore``);
     ``execute(claim)`` runs one item and returns (status, headers, body);
     ``now_us()`` is the wall clock the store is given (it never reads one).
+    ``metrics`` (``proxy.metrics.Metrics``, or None when metrics are off)
+    counts results and retries as they happen; the running gauge is read
+    from ``in_flight`` on the app's refresh beat.
     """
 
     def __init__(
@@ -157,6 +163,7 @@ class BatchRunner:
         sweep_s: float,
         results_days: int,
         draining: Callable[[], bool] = lambda: False,
+        metrics: Any = None,
     ) -> None:
         self.store = store
         self.execute = execute
@@ -170,6 +177,7 @@ class BatchRunner:
         self.sweep_s = sweep_s
         self.results_days = results_days
         self.draining = draining
+        self.metrics = metrics
         self._running: dict[tuple[str, int], Any] = {}  # claims in flight, by (batch, idx): renewed together
         self._scopes: dict[tuple[str, int], trio.CancelScope] = {}  # each one's run, to stop it once it is no longer ours
         self.busy = 0  # slots taken: items in flight, and slots cooling after a retry
@@ -207,10 +215,15 @@ class BatchRunner:
                 self._idle = trio.Event()
                 await self._idle.wait()
 
+    @property
+    def in_flight(self) -> int:
+        """Items running on this worker now."""
+        return len(self._running)
+
     def stats(self) -> dict[str, Any]:
         return {
             "owner": self.owner,
-            "in_flight": len(self._running),
+            "in_flight": self.in_flight,
             "busy": self.busy,
             "concurrency": self.concurrency,
             "succeeded": self.succeeded,
@@ -292,6 +305,8 @@ class BatchRunner:
                 settled = await self._finish(claim, verdict)
             else:
                 self.retried += 1
+                if self.metrics is not None:
+                    self.metrics.batch_retry(verdict.reason)
                 # The slot cools too (up to a poll): an upstream saying "not
                 # now" to everything is not asked again by every slot at once.
                 cool = min(verdict.delay_s, self.poll_s)
@@ -325,10 +340,13 @@ class BatchRunner:
             self._finished_since_sweep += 1
             if not first:
                 self.duplicates += 1
-            elif verdict.result == "succeeded":
-                self.succeeded += 1
             else:
-                self.errored += 1
+                if verdict.result == "succeeded":
+                    self.succeeded += 1
+                else:
+                    self.errored += 1
+                if self.metrics is not None:
+                    self.metrics.batch_item(verdict.result)
             return True
         return False  # left to its lease: another run will write it
 

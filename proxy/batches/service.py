@@ -133,6 +133,7 @@ async def serve_batches(app: Any, *, task_status: trio.TaskStatus[Batches] = tri
             sweep_s=bs.sweep_s,
             results_days=bs.results_days,
             draining=lambda: app.draining,
+            metrics=app.metrics,
         )
         batches = Batches(bs, astore, runner, clock)
         started = False
