@@ -1614,6 +1614,11 @@ def main(argv: list[str] | None = None) -> int:
         mock = MockUpstream(settings_from_args(ns))
     except ValueError as exc:
         parser.error(f"--fault: {exc}")
+    from proxy.cli import port_is_free  # the check `weir mock-upstream` makes: one line, not a traceback
+
+    # A worker child (--reuse-port) joins its parent's port: busy by design.
+    if not ns.reuse_port and not port_is_free(ns.host, ns.port, parser.prog):
+        return 1
     try:
         trio.run(serve_forever, mock, ns.host, ns.port)
     except KeyboardInterrupt:  # a second Ctrl-C while shutting down

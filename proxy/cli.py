@@ -252,7 +252,7 @@ def _serve_command(ns: argparse.Namespace) -> int:
         return 2
     from .logs import configure_logging
 
-    if not _port_is_free(settings.server.host, settings.server.port, "weir"):
+    if not port_is_free(settings.server.host, settings.server.port, "weir"):
         return 1
     configure_logging(settings.server.log_level)
     if settings.uses_mock():
@@ -287,7 +287,7 @@ def _mock_command(ns: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"weir mock-upstream: --fault: {exc}", file=sys.stderr)
         return 2
-    if not _port_is_free(ns.host, ns.port, "weir mock-upstream"):
+    if not port_is_free(ns.host, ns.port, "weir mock-upstream"):
         return 1
     try:
         trio.run(mock.serve_forever, upstream, ns.host, ns.port)
@@ -296,7 +296,7 @@ def _mock_command(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _port_is_free(host: str, port: int, command: str) -> bool:
+def port_is_free(host: str, port: int, command: str) -> bool:
     """Bind and release the port before starting, so a busy one is one line
     and exit status 1 rather than an ExceptionGroup traceback from inside
     the server's nursery. SO_REUSEADDR as the servers set it (a port in

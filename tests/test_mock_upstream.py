@@ -572,6 +572,18 @@ async def test_command_line_prints_its_address_and_stops_on_sigterm() -> None:
     assert not any(_alive(p) for p in pids)
 
 
+def test_command_line_on_a_busy_port_is_one_line_and_exit_status_1() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "mock", "--port", str(port)], capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == f"python -m mock: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
 def test_argument_helpers_round_trip() -> None:
     import argparse
 
