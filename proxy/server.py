@@ -53,8 +53,9 @@ below is reproduced over raw sockets in ``tests/test_attack.py``.
    (a new task and a scheduling round trip before the connection reads its
    next request). In the py-spy profile of ``loadtests/latency.py`` that was
    ~6% of a proxied request's CPU. Here each connection has one timer task
-   for its life, sleeping in a cancel scope whose deadline each request moves
-   (``_KeepAlive``); the behaviour is Hypercorn's: an idle connection closes
+   for its life (``_KeepAlive``): a request only records when the connection
+   went idle, and the task, waking at the earliest deadline that could
+   apply, checks. The behaviour is Hypercorn's: an idle connection closes
    after ``keep_alive_timeout``, and at shutdown as soon as it is idle.
 
 8. **One write for a whole reply.** Hypercorn writes a response's head, its
