@@ -602,6 +602,14 @@ class Weir:
                 out.take(hit.served)
                 await relay.response(hit, trio.CancelScope(), ctx.deadlines)
                 return
+        await self.relay_opened(receive, relay, req, ctx, opener)
+
+    async def relay_opened(self, receive: Receive, relay: Relay, req: UpstreamRequest, ctx: RequestContext, opener: Opener) -> None:
+        """Open ``opener`` inside the request's deadline scope, beside the
+        hang-up watcher, and relay what comes back: every answer a client gets
+        from an upstream goes out through here (the passthrough batches'
+        results too, proxy/batches/passthrough.py)."""
+        out = relay.out
         # A client that hangs up cancels everything below, the upstream call
         # included: the pool closes that connection as it unwinds, which is how
         # the upstream learns the call was abandoned. The watcher runs in the

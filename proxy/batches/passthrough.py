@@ -249,6 +249,33 @@ class ResultLines:
 # --------------------------------------------------------------- the shell
 
 
+class _MeteredOpener:
+    """The router, each good response's result lines read for usage on the way
+    by (``_Metered``): an opener like any other, for ``Weir.relay_opened``."""
+
+    __slots__ = ("_inner", "_on_lines")
+
+    def __init__(self, inner: Any, on_lines: Any) -> None:
+        self._inner, self._on_lines = inner, on_lines
+
+    def open(self, req: Any, ctx: Any) -> _MeteredCall:
+        return _MeteredCall(self._inner.open(req, ctx), self._on_lines)
+
+
+class _MeteredCall:
+    __slots__ = ("_inner", "_on_lines")
+
+    def __init__(self, inner: Any, on_lines: Any) -> None:
+        self._inner, self._on_lines = inner, on_lines
+
+    async def __aenter__(self) -> UpstreamResponse:
+        resp = await self._inner.__aenter__()
+        return _Metered(resp, self._on_lines) if resp.status < 400 else resp
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> Any:
+        return await self._inner.__aexit__(exc_type, exc, tb)
+
+
 class _Metered:
     """The upstream's results, passed on read by read; every completed line is
     read for its usage on the side (``on_lines``)."""
@@ -397,37 +424,9 @@ class PassthroughBatches:
             path, _, q = target.partition("?")
             query = q.encode()
         ended_at = _us(doc.get("ended_at")) or batch.ended_at or int(time.time() * 1_000_000)
-        out = relay.out
         req = self._request(ident, headers, batch.target, "GET", path, b"", query)
         ctx = self._ctx(ident, req, relay)
-        d = ctx.deadlines
-        record = self._recorder(batch, ended_at)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, relay)
-            try:
-                with trio.CancelScope(deadline=min(trio.current_time() + d.first_byte_s, d.total)) as cs:
-                    resp = None
-                    try:
-                        async with self.app.router.open(req, ctx) as resp:
-                            if resp.status >= 400:
-                                await relay.error_response(resp)
-                            else:
-                                await relay.response(_Metered(resp, record), cs, d)
-                    except ProxyError as err:
-                        if not relay.head_sent:
-                            await relay.send_error(err)
-                    except UpstreamError as exc:
-                        if not relay.head_sent:
-                            await relay.send_error(upstream_failure(exc, batch.target))
-                    finally:
-                        if resp is not None:
-                            out.take(resp.served)
-                if cs.cancelled_caught:
-                    out.result, out.error = "deadline", out.error or "timeout_error"
-                    if not relay.head_sent:
-                        await relay.send_error(ProxyError(504, f"upstream {batch.target} did not send the results in time", "timeout_error"))
-            finally:
-                nursery.cancel_scope.cancel()
+        await self.app.relay_opened(receive, relay, req, ctx, _MeteredOpener(self.app.router, self._recorder(batch, ended_at)))
 
     # ----------------------------------------------------------- helpers
 
@@ -574,16 +573,3 @@ class PassthroughBatches:
         await relay.send_whole(200, [*extra, _JSON, (b"content-length", b"%d" % len(body))], body)
 
 
-async def _watch_disconnect(receive: Any, scope: trio.CancelScope, relay: Relay) -> None:
-    """As the app's own watcher: a client that hangs up mid-results stops the
-    upstream read; the end of a complete response is not a hang-up."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            if relay.complete:
-                return
-            relay.out.result = "client_closed"
-            if not relay.out.status:
-                relay.out.status = 499
-            scope.cancel()
-            return
